@@ -1,0 +1,54 @@
+# pe-node: `make run` sets up .venv and starts the node; `make test` sets up, installs the test tools, runs all tests.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= config.yaml
+# torch and torchvision are pinned: these builds install from the local wheel cache on the project's machines,
+# where a looser pin would download a multi-GB build.
+TORCH := torch==2.14.1 torchvision==0.29.1
+# Debian packages the tests start as real peers: command to look for, package that provides it.
+TEST_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc
+
+.PHONY: run setup test test-setup system-tools bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(BIN)/.installed-test: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+run: setup
+	$(BIN)/pe-node serve --config $(CONFIG)
+
+# Install the Debian tools the tests need when they are missing and we may (root); otherwise say what is missing.
+system-tools:
+	@missing=""; for pair in $(TEST_TOOLS); do \
+	    command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	        echo "installing:$$missing"; \
+	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	    else \
+	        echo "warning: missing Debian packages:$$missing (tests that need them are skipped)"; \
+	    fi; \
+	fi
+
+test-setup: $(BIN)/.installed-test system-tools
+
+test: test-setup
+	$(BIN)/pytest
+
+bench: test-setup
+	$(BIN)/python bench/bench_ingest.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache
