@@ -1,0 +1,278 @@
+"""The durable store of received instances: files under ``<storage>/<Study>/<Series>/<SOP>.dcm`` and their rows.
+
+An instance is acknowledged only after its file is written to a temporary name, fsynced, renamed into place, the
+directory entry fsynced, and its row committed: once a sender sees success, a crash or power cut loses nothing.
+The bytes are the dataset exactly as it arrived (any transfer syntax, compressed or not) behind a Part 10 header,
+so what is on disk is what was sent. Storing an instance is idempotent on its SOP Instance UID: the same bytes
+again change nothing; different bytes replace the file and re-open the series.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import bindparam, select, text
+
+from pe_node.config import StorageConfig
+from pe_node.db import Database, Instance, Series, UTCDateTime, utcnow
+from pe_node.dicom.header import HeaderError, InstanceHeader, read_header
+from pe_node.dicom.part10 import file_header
+
+log = logging.getLogger(__name__)
+
+_MB = 1024 * 1024
+_TMP_SUFFIX = ".tmp"
+_STALE_TMP_SECONDS = 3600
+
+
+_UPSERT_SERIES = text(
+    "INSERT INTO series (series_instance_uid, study_instance_uid, modality, series_description, state, "
+    "first_received_at, last_received_at) VALUES (:series_uid, :study_uid, :modality, :description, 'receiving', "
+    ":now, :now) ON CONFLICT (series_instance_uid) DO UPDATE SET last_received_at = excluded.last_received_at, "
+    "state = 'receiving', reason = NULL, modality = COALESCE(excluded.modality, series.modality) RETURNING id"
+).bindparams(bindparam("now", type_=UTCDateTime()))
+_INSERT_INSTANCE = text(
+    "INSERT INTO instances (sop_instance_uid, series_id, sop_class_uid, transfer_syntax_uid, instance_number, "
+    "image_type, size, received_at, association_id) VALUES (:sop_uid, :series_id, :sop_class_uid, "
+    ":transfer_syntax_uid, :instance_number, :image_type, :size, :now, :association_id) "
+    "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING id"
+).bindparams(bindparam("now", type_=UTCDateTime()))
+_PREVIOUS_SERIES = text(
+    "SELECT s.id, s.study_instance_uid, s.series_instance_uid FROM instances i JOIN series s ON s.id = i.series_id "
+    "WHERE i.sop_instance_uid = :sop_uid"
+)
+_UPDATE_INSTANCE = text(
+    "UPDATE instances SET series_id = :series_id, sop_class_uid = :sop_class_uid, "
+    "transfer_syntax_uid = :transfer_syntax_uid, instance_number = :instance_number, image_type = :image_type, "
+    "size = :size, received_at = :now, association_id = :association_id WHERE sop_instance_uid = :sop_uid"
+).bindparams(bindparam("now", type_=UTCDateTime()))
+
+
+class StoreStatus(enum.IntEnum):
+    """C-STORE response statuses (PS3.4 Table B.2-1; the C0xx codes are our "cannot understand" details)."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700
+    SOP_CLASS_MISMATCH = 0xA900
+    CANNOT_UNDERSTAND = 0xC000
+    BAD_UID = 0xC001
+    UID_MISMATCH = 0xC002
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    status: StoreStatus
+    comment: str | None = None
+    header: InstanceHeader | None = None
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class Received:
+    """One C-STORE request as the archive needs it."""
+
+    dataset: bytes
+    transfer_syntax_uid: str
+    affected_sop_class_uid: str
+    affected_sop_instance_uid: str
+    calling_ae_title: str
+    association_id: int | None = None
+
+
+class Archive:
+    """Writes received instances durably and records them; safe to call from many association threads."""
+
+    def __init__(self, storage: StorageConfig, db: Database, clock: Callable[[], dt.datetime] = utcnow) -> None:
+        self.root = Path(storage.path)
+        self.min_free_bytes = storage.min_free_mb * _MB
+        self.db = db
+        self.clock = clock
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._tmp_tag = f"{socket.gethostname()}.{os.getpid()}"
+        self._free_checked_at = 0.0
+        self._free_bytes = 0
+        self._free_lock = threading.Lock()
+
+    def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
+
+    def store(self, request: Received) -> StoreOutcome:
+        """Check, write and record one instance; the outcome's status is the C-STORE response status."""
+        try:
+            header = read_header(request.dataset, request.transfer_syntax_uid)
+        except HeaderError as exc:
+            status = StoreStatus.BAD_UID if exc.bad_uid else StoreStatus.CANNOT_UNDERSTAND
+            return StoreOutcome(status, str(exc))
+        if header.sop_instance_uid != request.affected_sop_instance_uid.strip("\x00 "):
+            return StoreOutcome(
+                StoreStatus.UID_MISMATCH,
+                f"SOP Instance UID {header.sop_instance_uid} differs from Affected SOP Instance UID "
+                f"{request.affected_sop_instance_uid}",
+            )
+        if header.sop_class_uid != request.affected_sop_class_uid.strip("\x00 "):
+            return StoreOutcome(
+                StoreStatus.SOP_CLASS_MISMATCH,
+                f"SOP Class UID {header.sop_class_uid} differs from Affected SOP Class UID "
+                f"{request.affected_sop_class_uid}",
+            )
+        if self.free_bytes() < self.min_free_bytes:
+            log.error("storage %s below %d MB free: refusing %s", self.root, self.min_free_bytes // _MB,
+                      header.sop_instance_uid)
+            return StoreOutcome(StoreStatus.OUT_OF_RESOURCES, "storage full on the receiving node", header)
+        return self._write_and_record(request, header)
+
+    def free_bytes(self) -> int:
+        """Free space of the storage volume, re-read at most every 0.2 s (statvfs is cheap, but not free)."""
+        now = time.monotonic()
+        with self._free_lock:
+            if now - self._free_checked_at > 0.2:
+                self._free_bytes = shutil.disk_usage(self.root).free
+                self._free_checked_at = now
+            return self._free_bytes
+
+    def _write_and_record(self, request: Received, header: InstanceHeader) -> StoreOutcome:
+        path = self.path_for(header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
+        if path.exists() and _holds_dataset(path, request.dataset) and self._is_recorded(header, request):
+            return StoreOutcome(StoreStatus.SUCCESS, None, header, duplicate=True)
+        content = file_header(
+            header.sop_class_uid, header.sop_instance_uid, request.transfer_syntax_uid, request.calling_ae_title
+        )
+        try:
+            _durable_write(path, content, request.dataset, self._tmp_tag)
+        except OSError as exc:
+            log.error("cannot write %s: %s", path, exc)
+            return StoreOutcome(StoreStatus.OUT_OF_RESOURCES, f"cannot write the instance: {exc.strerror}", header)
+        moved_from = self._record(header, request, size=len(content) + len(request.dataset))
+        if moved_from is not None:
+            # The same SOP Instance UID arrived before under another study or series: keep only the new copy.
+            self.path_for(*moved_from, header.sop_instance_uid).unlink(missing_ok=True)
+        return StoreOutcome(StoreStatus.SUCCESS, None, header)
+
+    def _is_recorded(self, header: InstanceHeader, request: Received) -> bool:
+        """Whether the row of this exact instance (same series, same transfer syntax) is committed."""
+        with self.db.engine.connect() as connection:
+            row = connection.execute(
+                select(Instance.transfer_syntax_uid, Series.series_instance_uid)
+                .join(Series, Series.id == Instance.series_id)
+                .where(Instance.sop_instance_uid == header.sop_instance_uid)
+            ).first()
+            connection.rollback()
+        return (
+            row is not None
+            and row.series_instance_uid == header.series_instance_uid
+            and row.transfer_syntax_uid == request.transfer_syntax_uid
+        )
+
+    def _record(self, header: InstanceHeader, request: Received, size: int) -> tuple[str, str] | None:
+        """Upsert the series and the instance in one transaction, re-opening the series.
+
+        Returns the (study, series) the instance was filed under before, when that differs from now. Plain SQL
+        that SQLite and PostgreSQL both speak: this runs once per C-STORE, and building the equivalent ORM or
+        Core statements costs more than the commit itself. A new instance (the usual case) takes two statements.
+        """
+        params = dict(
+            series_uid=header.series_instance_uid,
+            study_uid=header.study_instance_uid,
+            modality=header.modality,
+            description=header.series_description,
+            sop_uid=header.sop_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            transfer_syntax_uid=request.transfer_syntax_uid,
+            instance_number=header.instance_number,
+            image_type=header.image_type,
+            size=size,
+            now=self.clock(),
+            association_id=request.association_id,
+        )
+        with self.db.engine.begin() as connection:
+            params["series_id"] = connection.execute(_UPSERT_SERIES, params).scalar_one()
+            if connection.execute(_INSERT_INSTANCE, params).first() is not None:
+                return None
+            before = connection.execute(_PREVIOUS_SERIES, params).one()
+            connection.execute(_UPDATE_INSTANCE, params)
+            if before.id == params["series_id"]:
+                return None
+            return before.study_instance_uid, before.series_instance_uid
+
+    def remove_stale_temporaries(self, older_than_seconds: float = _STALE_TMP_SECONDS) -> int:
+        """Delete temporary files left by a crash mid-write (never acknowledged, so nothing is lost)."""
+        cutoff = time.time() - older_than_seconds
+        removed = 0
+        for tmp in self.root.glob(f"*/*/.*{_TMP_SUFFIX}"):
+            try:
+                if tmp.stat().st_mtime < cutoff or tmp.name.endswith(f".{self._tmp_tag}{_TMP_SUFFIX}"):
+                    tmp.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        if removed:
+            log.info("removed %d unacknowledged temporary files from %s", removed, self.root)
+        return removed
+
+
+def _holds_dataset(path: Path, dataset: bytes) -> bool:
+    """Whether the stored file is exactly a Part 10 header followed by these dataset bytes.
+
+    The header itself may differ (it names the sending AE), so compare what follows the File Meta group, whose
+    length is the value of (0002,0000) at bytes 140-143.
+    """
+    try:
+        stored = path.read_bytes()
+    except FileNotFoundError:
+        return False
+    if len(stored) < 144:
+        return False
+    meta_end = 144 + int.from_bytes(stored[140:144], "little")
+    return stored[meta_end:] == dataset
+
+
+def _durable_write(path: Path, head: bytes, body: bytes, tag: str) -> None:
+    """Write to a temporary name, fsync, rename into place, fsync the directory (and any directory created)."""
+    directory = path.parent
+    if not directory.is_dir():
+        _make_durable_dirs(directory)
+    tmp = directory / f".{path.name}.{threading.get_ident()}.{tag}{_TMP_SUFFIX}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        os.write(fd, head)
+        view = memoryview(body)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(directory)
+
+
+def _make_durable_dirs(directory: Path) -> None:
+    missing = []
+    probe = directory
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    for created in reversed(missing):
+        _fsync_dir(created.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

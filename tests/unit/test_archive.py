@@ -1,0 +1,158 @@
+"""The archive: durable, idempotent storage of received instances and their rows."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from sqlalchemy import func, select
+
+from pe_node.config import StorageConfig
+from pe_node.db import Database, Instance, Series, SeriesState
+from pe_node.dicom.archive import Archive, Received, StoreStatus
+from tests.dicom_factory import make_ct_dataset, phantom_slice
+
+STUDY, SERIES = generate_uid(), generate_uid()
+
+
+def encoded(ds: pydicom.Dataset) -> bytes:
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    return buffer.getvalue()
+
+
+def ct(index: int, series: str = SERIES, sop: str | None = None) -> pydicom.Dataset:
+    ds = make_ct_dataset(phantom_slice(index, 10, 32), position=(0.0, 0.0, -2.0 * index), study_uid=STUDY,
+                         series_uid=series, instance_number=index + 1)
+    if sop is not None:
+        ds.SOPInstanceUID = sop
+    return ds
+
+
+def request(ds: pydicom.Dataset, data: bytes | None = None) -> Received:
+    return Received(encoded(ds) if data is None else data, ExplicitVRLittleEndian, ds.SOPClassUID,
+                    ds.SOPInstanceUID, "TESTSCU")
+
+
+@pytest.fixture
+def archive(tmp_path: Path, db: Database) -> Archive:
+    return Archive(StorageConfig(path=tmp_path / "dicom", min_free_mb=0), db)
+
+
+def test_stored_file_is_the_sent_dataset_behind_a_part10_header(archive: Archive, db: Database) -> None:
+    ds = ct(0)
+    outcome = archive.store(request(ds))
+    assert outcome.status == StoreStatus.SUCCESS
+    path = archive.path_for(STUDY, SERIES, ds.SOPInstanceUID)
+    stored = path.read_bytes()
+    assert stored.endswith(encoded(ds))
+    assert pydicom.dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
+    assert not list(path.parent.glob(".*.tmp")), "no temporary file left behind"
+    with db.session() as session:
+        series = session.scalars(select(Series)).one()
+        assert (series.series_instance_uid, series.state) == (SERIES, SeriesState.RECEIVING)
+        assert session.scalar(select(Instance.size)) == len(stored)
+
+
+def test_resent_instance_is_stored_once(archive: Archive, db: Database) -> None:
+    ds = ct(1)
+    archive.store(request(ds))
+    again = archive.store(request(ds))
+    assert again.status == StoreStatus.SUCCESS and again.duplicate
+    with db.session() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 1
+
+
+def test_resent_instance_with_new_content_replaces_the_file_and_reopens(archive: Archive, db: Database) -> None:
+    ds = ct(2)
+    archive.store(request(ds))
+    with db.session() as session:
+        session.scalars(select(Series)).one().state = SeriesState.COMPLETE
+    ds.SeriesDescription = "corrected"
+    assert archive.store(request(ds)).status == StoreStatus.SUCCESS
+    assert pydicom.dcmread(archive.path_for(STUDY, SERIES, ds.SOPInstanceUID)).SeriesDescription == "corrected"
+    with db.session() as session:
+        assert session.scalars(select(Series)).one().state == SeriesState.RECEIVING
+        assert session.scalar(select(func.count(Instance.id))) == 1
+
+
+def test_instance_moved_to_another_series_leaves_one_copy(archive: Archive, db: Database) -> None:
+    sop = generate_uid()
+    archive.store(request(ct(3, sop=sop)))
+    other = generate_uid()
+    archive.store(request(ct(3, series=other, sop=sop)))
+    assert not archive.path_for(STUDY, SERIES, sop).exists()
+    assert archive.path_for(STUDY, other, sop).exists()
+    with db.session() as session:
+        counts = dict(session.execute(
+            select(Series.series_instance_uid, func.count(Instance.id))
+            .outerjoin(Instance, Instance.series_id == Series.id).group_by(Series.series_instance_uid)
+        ).all())
+    assert counts == {SERIES: 0, other: 1}
+
+
+@pytest.mark.parametrize("uid", ["../../x", "1.2.3/../../../etc", "1.2.abc"])
+def test_path_like_uids_are_refused_and_nothing_is_written(archive: Archive, uid: str) -> None:
+    ds = ct(4, sop=uid)
+    outcome = archive.store(request(ds))
+    assert outcome.status == StoreStatus.BAD_UID
+    assert "not a valid UID" in (outcome.comment or "")
+    assert not any(p.is_file() for p in archive.root.rglob("*"))
+
+
+def test_bad_study_uid_is_refused(archive: Archive) -> None:
+    ds = ct(5)
+    ds.StudyInstanceUID = "../.."
+    assert archive.store(request(ds)).status == StoreStatus.BAD_UID
+
+
+def test_command_and_dataset_disagreeing_is_refused(archive: Archive) -> None:
+    ds = ct(6)
+    mismatched = Received(encoded(ds), ExplicitVRLittleEndian, ds.SOPClassUID, generate_uid(), "X")
+    assert archive.store(mismatched).status == StoreStatus.UID_MISMATCH
+    wrong_class = Received(encoded(ds), ExplicitVRLittleEndian, "1.2.840.10008.5.1.4.1.1.4", ds.SOPInstanceUID, "X")
+    assert archive.store(wrong_class).status == StoreStatus.SOP_CLASS_MISMATCH
+
+
+def test_truncated_dataset_is_refused(archive: Archive) -> None:
+    ds = ct(7)
+    outcome = archive.store(request(ds, encoded(ds)[:-10]))
+    assert outcome.status == StoreStatus.CANNOT_UNDERSTAND
+
+
+def test_below_the_free_space_floor_answers_out_of_resources(tmp_path: Path, db: Database) -> None:
+    full = Archive(StorageConfig(path=tmp_path / "dicom", min_free_mb=10**9), db)
+    outcome = full.store(request(ct(8)))
+    assert outcome.status == StoreStatus.OUT_OF_RESOURCES == 0xA700
+    assert not any(p.is_file() for p in full.root.rglob("*"))
+
+
+def test_concurrent_stores_of_one_series_count_every_instance(archive: Archive, db: Database) -> None:
+    datasets = [ct(i) for i in range(12)]
+    threads = [threading.Thread(target=archive.store, args=(request(ds),)) for ds in datasets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with db.session() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 12
+
+
+def test_stale_temporary_files_are_removed(archive: Archive) -> None:
+    folder = archive.root / "1.2" / "3.4"
+    folder.mkdir(parents=True)
+    stale = folder / ".5.6.dcm.1.otherhost.1.tmp"
+    stale.write_bytes(b"partial")
+    import os
+
+    os.utime(stale, (0, 0))
+    fresh = folder / ".7.8.dcm.1.otherhost.2.tmp"
+    fresh.write_bytes(b"another receiver writing right now")
+    assert archive.remove_stale_temporaries() == 1
+    assert not stale.exists() and fresh.exists()
