@@ -1,0 +1,111 @@
+"""The running node: receiver, completion sweep, lease sweep and (when enabled) the worker, started and stopped
+together. ``pe-node serve`` runs all of it; ``pe-node serve --no-worker`` and ``pe-node worker`` split it
+across processes and machines that share the database and the storage path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from pe_node.config import Config
+from pe_node.db import Database
+from pe_node.dicom.archive import Archive
+from pe_node.dicom.audit import AssociationAudit
+from pe_node.dicom.scp import Receiver
+from pe_node.jobs.completion import sweep
+from pe_node.jobs.queue import requeue_expired
+
+log = logging.getLogger(__name__)
+
+LEASE_SWEEP_SECONDS = 5.0
+
+
+class Service(Protocol):
+    """A long-running part of the node with its own threads."""
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float = 30.0) -> None: ...
+
+
+@dataclass(frozen=True)
+class Roles:
+    receive: bool
+    work: bool
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Node:
+    """Everything one process runs, built from one frozen Config."""
+
+    def __init__(self, config: Config, roles: Roles, worker_factory: Callable[[Config, Database], Service] | None = None,
+                 db: Database | None = None) -> None:
+        self.config = config
+        self.roles = roles
+        self.db = db or Database(config.database.url)
+        self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
+        self.receiver: Receiver | None = None
+        self.worker: Service | None = None
+        if roles.receive:
+            archive = Archive(config.storage, self.db)
+            archive.remove_stale_temporaries()
+            self.receiver = Receiver(config.node, archive, AssociationAudit(self.db))
+            self.scheduler.add_job(self._sweep, "interval", seconds=config.series.sweep_seconds, id="completion")
+        self.scheduler.add_job(self._requeue, "interval", seconds=LEASE_SWEEP_SECONDS, id="leases")
+        if roles.work:
+            if worker_factory is None:
+                raise ValueError("a working node needs a worker factory")
+            self.worker = worker_factory(config, self.db)
+
+    def start(self) -> None:
+        if self.receiver is not None:
+            self.receiver.start()
+        self.scheduler.start()
+        if self.worker is not None:
+            self.worker.start()
+
+    def stop(self) -> None:
+        """Graceful: answer the C-STOREs in flight, stop the sweeps, release the job being worked on."""
+        log.info("stopping")
+        if self.receiver is not None:
+            self.receiver.stop()
+        self.scheduler.shutdown(wait=True)
+        if self.worker is not None:
+            self.worker.stop()
+        self.db.dispose()
+        log.info("stopped")
+
+    def run_until_signalled(self) -> None:
+        stop = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            stop.wait()
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _sweep(self) -> None:
+        try:
+            sweep(self.db, self.config.series)
+        except Exception:
+            log.exception("completion sweep failed; retrying at the next tick")
+
+    def _requeue(self) -> None:
+        try:
+            requeue_expired(self.db, self.config.worker)
+        except Exception:
+            log.exception("lease sweep failed; retrying at the next tick")
