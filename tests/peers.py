@@ -1,0 +1,241 @@
+"""Real peers on loopback for tests and benchmarks: pe-node itself, DCMTK tools, storescp and Orthanc.
+
+Each runs as a separate process on a free port with its own temporary folder, and is stopped at the end.
+DCMTK (and Orthanc, which embeds it) get ``TCP_NODELAY=1``, or every C-STORE waits ~40 ms for a delayed ACK.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PE_NODE = [sys.executable, "-m", "pe_node.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def dcmtk_env() -> dict[str, str]:
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None
+
+
+def run_dcmtk(tool: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run a DCMTK command line tool with TCP_NODELAY=1; the completed process (never raises on failure)."""
+    return subprocess.run([tool, *args], env=dcmtk_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for_port(port: int, timeout: float = 30.0, process: subprocess.Popen[Any] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
+
+
+def node_config(root: Path, port: int, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A pe-node config for a test: everything under ``root``, the given sections merged over the defaults."""
+    config: dict[str, Any] = {
+        "node": {"ae_title": "PE_NODE", "host": "127.0.0.1", "port": port},
+        "storage": {"path": str(root / "dicom"), "min_free_mb": 1},
+        "database": {"url": f"sqlite:///{root / 'pe-node.db'}"},
+        "series": {"quiet_seconds": 1.0, "min_instances": 5, "sweep_seconds": 0.2},
+        "worker": {"enabled": False},
+        "destinations": [{"name": "outbox", "type": "folder", "path": str(root / "outbox")}],
+        "logging": {"level": "INFO"},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict) and isinstance(config.get(name), dict):
+            config[name] = {**config[name], **values}
+        else:
+            config[name] = values
+    return config
+
+
+class NodeProcess:
+    """``pe-node serve`` (or another pe-node command) in a subprocess with a config written under ``root``."""
+
+    def __init__(self, root: Path, config: dict[str, Any], args: Sequence[str] = ("serve",)) -> None:
+        self.root = root
+        self.config = config
+        self.config_path = root / "config.yaml"
+        self.args = list(args)
+        self.log_path = root / f"pe-node-{self.args[0]}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        root.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(config))
+
+    @property
+    def port(self) -> int:
+        return int(self.config["node"]["port"])
+
+    def start(self, wait: bool = True) -> NodeProcess:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [*PE_NODE, *self.args, "--config", str(self.config_path)], stdout=log, stderr=log, cwd=REPO
+        )
+        if wait and self.args[0] == "serve":
+            wait_for_port(self.port, process=self.process)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait (SIGKILL after ``timeout``); the exit code."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return int(self.process.returncode)
+
+    def kill(self) -> None:
+        """kill -9: no chance to clean up."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Another pe-node command against the same config (status, check, resend...)."""
+        return subprocess.run([*PE_NODE, *args, "--config", str(self.config_path)], capture_output=True, text=True,
+                              timeout=timeout, cwd=REPO)
+
+    def cli_send(self, *paths: Path, calling: str = "TESTSCU") -> subprocess.CompletedProcess[str]:
+        """``pe-node send PATH... --to PE_NODE@127.0.0.1:PORT`` into this node."""
+        to = f"{self.config['node']['ae_title']}@127.0.0.1:{self.port}"
+        return subprocess.run([*PE_NODE, "send", *map(str, paths), "--to", to, "--aet", calling],
+                              capture_output=True, text=True, timeout=120, cwd=REPO)
+
+    def status(self) -> dict[str, Any]:
+        result = self.cli("status", "--json")
+        if result.returncode != 0:
+            raise RuntimeError(f"pe-node status failed: {result.stderr}")
+        return json.loads(result.stdout)
+
+    def __enter__(self) -> NodeProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class StoreSCP:
+    """DCMTK storescp writing every received instance to ``folder``."""
+
+    def __init__(self, folder: Path, port: int | None = None, ae_title: str = "STORESCP",
+                 options: Sequence[str] = ()) -> None:
+        self.folder = folder
+        self.port = port or free_port()
+        self.ae_title = ae_title
+        self.options = list(options)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> StoreSCP:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            ["storescp", *self.options, "--aetitle", self.ae_title, "--output-directory", str(self.folder),
+             str(self.port)],
+            env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, process=self.process)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.process is not None
+        self.process.terminate()
+        self.process.wait(10)
+
+
+class Orthanc:
+    """An Orthanc PACS with its own storage, DICOM port and REST port."""
+
+    def __init__(self, root: Path, dicom_port: int | None = None, ae_title: str = "ORTHANC",
+                 modalities: dict[str, list[Any]] | None = None) -> None:
+        self.root = root
+        self.dicom_port = dicom_port or free_port()
+        self.http_port = free_port()
+        self.ae_title = ae_title
+        self.modalities = modalities or {}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Orthanc:
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "pe-node-test-pacs",
+            "StorageDirectory": str(self.root / "storage"),
+            "IndexDirectory": str(self.root / "index"),
+            "DicomAet": self.ae_title,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "DicomModalities": self.modalities,
+            "StorageCompression": False,
+            "Plugins": [],
+        }
+        config_path = self.root / "orthanc.json"
+        config_path.write_text(json.dumps(config))
+        log = (self.root / "orthanc.log").open("ab")
+        self.process = subprocess.Popen(["Orthanc", str(config_path)], env=dcmtk_env(), stdout=log, stderr=log)
+        wait_for_port(self.dicom_port, process=self.process)
+        wait_for_port(self.http_port, process=self.process)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(20)
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
+            return json.loads(response.read())
+
+    def __enter__(self) -> Orthanc:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; that value, or TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached after {timeout} s")
+
