@@ -1,0 +1,221 @@
+"""The one entry point of reporting: :func:`build_report` turns an outcome on a series into DICOM result objects.
+
+All objects go into the source study (patient and study attributes copied from the series header), each kind in
+its own new series: the SR at ``series_number_base``, the captures at ``+1``, the key object selection at ``+2``.
+
+UIDs are derived, not random: every UID of a report is a hash of what the report is made from (the source series
+and its slices, the outcome, the algorithm, the options and the reports it supersedes). A job that crashes after
+building or sending its objects and runs again produces the same UIDs, so a PACS stores each object once; a report
+made from different inputs (a late instance, a new model version) gets new UIDs. Tracking UIDs depend on the source
+series only, so a superseding report tracks the same findings under the same tracking UIDs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom import Dataset
+from pydicom.uid import generate_uid
+
+from pe_node.findings import EXAM_LABELS, Prediction
+from pe_node.pipeline.series import CTSeries
+from pe_node.reporting.algorithm import AlgorithmInfo
+from pe_node.reporting.capture import secondary_capture
+from pe_node.reporting.evidence import slice_header, study_header
+from pe_node.reporting.kos import key_object_selection
+from pe_node.reporting.outcome import THRESHOLD, ExamResult, NotAnalysed, exam_result
+from pe_node.reporting.sr import structured_report
+
+MAX_SERIES_NUMBER = 2**31 - 1
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """Which objects to make besides the SR (``outputs`` of config.yaml)."""
+
+    secondary_capture: bool = True
+    max_images: int = 4
+    captures_for_negative: bool = False
+    key_object_selection: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_images, bool) or not isinstance(self.max_images, int) or not 0 <= self.max_images <= 64:
+            raise ValueError(f"ReportOptions.max_images must be an integer from 0 to 64, got {self.max_images!r}")
+
+
+@dataclass(frozen=True)
+class ReportObjects:
+    """The result objects of one report."""
+
+    sr: Dataset
+    secondary_captures: tuple[Dataset, ...] = ()
+    key_object_selection: Dataset | None = None
+
+    def all(self) -> list[Dataset]:
+        """Every object, each before the objects that reference it: captures, SR, key object selection."""
+        kos = [] if self.key_object_selection is None else [self.key_object_selection]
+        return [*self.secondary_captures, self.sr, *kos]
+
+
+def build_report(
+    series: CTSeries,
+    outcome: Prediction | NotAnalysed,
+    *,
+    algorithm: AlgorithmInfo,
+    options: ReportOptions = ReportOptions(),
+    previous: Sequence[Dataset] = (),
+    series_number_base: int = 9000,
+) -> ReportObjects:
+    """The SR, the key-slice captures and (optionally) the key object selection of ``outcome`` on ``series``.
+
+    ``previous`` are earlier SRs of this series that this report supersedes (a re-opened series); the SR lists them
+    in its Predecessor Documents Sequence. Raises ValueError when the outcome does not belong to the series.
+    """
+    started = time.perf_counter()
+    _check_inputs(series, outcome, previous, series_number_base)
+    uid = _uid_source(series, outcome, algorithm, options, previous)
+    header = study_header(series)
+    sr = structured_report(
+        series,
+        outcome,
+        header=header,
+        algorithm=algorithm,
+        tracking_uid=lambda key: generate_uid(entropy_srcs=[_joined(series.series_instance_uid, "tracking", key)]),
+        series_instance_uid=uid("sr-series"),
+        series_number=series_number_base,
+        sop_instance_uid=uid("sr"),
+        previous=previous,
+    )
+    if isinstance(outcome, NotAnalysed):
+        return _logged(series, f"NOT_ANALYSED ({outcome.reason.name})", ReportObjects(sr=sr), started)
+    keys = key_slices(outcome, exam_result(outcome), options)
+    captures = tuple(
+        secondary_capture(
+            series,
+            outcome,
+            index,
+            header=header,
+            algorithm=algorithm,
+            series_instance_uid=uid("sc-series"),
+            series_number=series_number_base + 1,
+            sop_instance_uid=uid("sc", str(index)),
+            instance_number=rank,
+        )
+        for rank, index in enumerate(keys if options.secondary_capture else [], start=1)
+    )
+    kos = None
+    if options.key_object_selection and keys:
+        kos = key_object_selection(
+            [slice_header(series, header, index) for index in keys],
+            captures,
+            algorithm=algorithm,
+            series_instance_uid=uid("ko-series"),
+            series_number=series_number_base + 2,
+            sop_instance_uid=uid("ko"),
+        )
+    objects = ReportObjects(sr=sr, secondary_captures=captures, key_object_selection=kos)
+    return _logged(series, exam_result(outcome).name, objects, started)
+
+
+def key_slices(prediction: Prediction, result: ExamResult, options: ReportOptions) -> list[int]:
+    """The slices worth a capture, best first: ranked by attention x image probability, at most ``max_images``.
+
+    A positive exam shows only slices with image probability above 0.5; a negative or indeterminate exam shows none
+    unless ``captures_for_negative``, and then its most suspicious slices.
+    """
+    image = np.asarray(prediction.image, dtype=np.float64)
+    attention = np.asarray(prediction.attention, dtype=np.float64)
+    if result is ExamResult.POSITIVE:
+        candidates = np.flatnonzero(image > THRESHOLD)
+    elif options.captures_for_negative:
+        candidates = np.arange(len(image))
+    else:
+        return []
+    score = attention[candidates] * image[candidates]
+    order = np.argsort(-score, kind="stable")
+    return [int(candidates[i]) for i in order[: options.max_images]]
+
+
+def _logged(series: CTSeries, result: str, objects: ReportObjects, started: float) -> ReportObjects:
+    logger.info(
+        "report for series %s: %s, SR %s, %d captures, key objects %s, %.3f s",
+        series.series_instance_uid,
+        result,
+        objects.sr.SOPInstanceUID,
+        len(objects.secondary_captures),
+        "yes" if objects.key_object_selection is not None else "no",
+        time.perf_counter() - started,
+    )
+    return objects
+
+
+def _check_inputs(
+    series: CTSeries, outcome: Prediction | NotAnalysed, previous: Sequence[Dataset], series_number_base: int
+) -> None:
+    if not isinstance(outcome, (Prediction, NotAnalysed)):
+        raise TypeError(f"outcome must be a Prediction or NotAnalysed, got {type(outcome).__name__}")
+    if not 1 <= series_number_base <= MAX_SERIES_NUMBER - 2:
+        raise ValueError(f"series_number_base must lie in 1..{MAX_SERIES_NUMBER - 2}, got {series_number_base}")
+    for dataset in previous:
+        if dataset.get("Modality") != "SR" or dataset.get("StudyInstanceUID") != series.study_instance_uid:
+            raise ValueError(
+                f"previous report {dataset.get('SOPInstanceUID')} is not an SR of study {series.study_instance_uid}"
+            )
+    if isinstance(outcome, Prediction):
+        _check_prediction(series, outcome)
+
+
+def _check_prediction(series: CTSeries, prediction: Prediction) -> None:
+    if prediction.series_instance_uid != series.series_instance_uid:
+        raise ValueError(
+            f"prediction is for series {prediction.series_instance_uid}, not {series.series_instance_uid}"
+        )
+    if list(prediction.sop_instance_uids) != series.sop_instance_uids:
+        raise ValueError(f"prediction slices differ from the slices of series {series.series_instance_uid}")
+    for name in ("image", "attention"):
+        if np.shape(getattr(prediction, name)) != (len(series),):
+            raise ValueError(f"prediction.{name} has shape {np.shape(getattr(prediction, name))}, not ({len(series)},)")
+    missing = [label for label in EXAM_LABELS if label not in prediction.exam]
+    if missing:
+        raise ValueError(f"prediction.exam lacks the labels {missing}")
+    for index in prediction.cams:
+        if not 0 <= index < len(series):
+            raise ValueError(f"prediction.cams has slice index {index}, the series has {len(series)} slices")
+
+
+def _uid_source(
+    series: CTSeries,
+    outcome: Prediction | NotAnalysed,
+    algorithm: AlgorithmInfo,
+    options: ReportOptions,
+    previous: Sequence[Dataset],
+):
+    """A function of a few strings giving the UID of one object of this report (see the module docstring)."""
+    digest = hashlib.sha256()
+    for part in (
+        series.series_instance_uid,
+        *series.sop_instance_uids,
+        repr(algorithm),
+        repr(options),
+        *(str(d.SOPInstanceUID) for d in previous),
+    ):
+        digest.update(part.encode() + b"\x1f")
+    if isinstance(outcome, NotAnalysed):
+        digest.update(repr(outcome).encode())
+    else:
+        digest.update(repr(sorted(outcome.exam.items())).encode())
+        digest.update(np.ascontiguousarray(outcome.image, dtype=np.float64).tobytes())
+        digest.update(np.ascontiguousarray(outcome.attention, dtype=np.float64).tobytes())
+    seed = digest.hexdigest()
+    return lambda *parts: generate_uid(entropy_srcs=[_joined(seed, *parts)])
+
+
+def _joined(*parts: str) -> str:
+    return "\x1f".join(parts)
