@@ -174,6 +174,20 @@ class OutputsConfig(_Section):
     key_object_selection: bool = False
 
 
+class DeliveryConfig(_Section):
+    """Retries of result objects that a destination did not take: exponential backoff, then give up."""
+
+    initial_backoff_seconds: float = Field(10, gt=0)
+    max_backoff_seconds: float = Field(900, gt=0)
+    give_up_after_hours: float = Field(24, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DeliveryConfig:
+        if self.max_backoff_seconds < self.initial_backoff_seconds:
+            raise ValueError("max_backoff_seconds must be at least initial_backoff_seconds")
+        return self
+
+
 class RetentionConfig(_Section):
     days: float = Field(7, gt=0)
 
@@ -198,6 +212,7 @@ class Config(_Section):
         default_factory=lambda: [FolderDestination(type="folder", name="outbox", path=Path("var/outbox"))]
     )
     outputs: OutputsConfig = OutputsConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
     retention: RetentionConfig = RetentionConfig()
     logging: LoggingConfig = LoggingConfig()
 

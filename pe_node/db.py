@@ -150,6 +150,8 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    series_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
     sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
     sop_class_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
     path: Mapped[str] = mapped_column(Text)

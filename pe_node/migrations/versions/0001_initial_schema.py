@@ -96,6 +96,8 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('job_id', sa.Integer(), nullable=False),
     sa.Column('destination', sa.String(length=64), nullable=False),
+    sa.Column('study_instance_uid', sa.String(length=64), nullable=False),
+    sa.Column('series_instance_uid', sa.String(length=64), nullable=False),
     sa.Column('sop_instance_uid', sa.String(length=64), nullable=False),
     sa.Column('sop_class_uid', sa.String(length=64), nullable=False),
     sa.Column('path', sa.Text(), nullable=False),
