@@ -38,5 +38,7 @@ def configure_logging(config: LoggingConfig) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level)
-    for noisy in ("pynetdicom", "apscheduler", "alembic", "PIL", "matplotlib"):
+    for noisy in ("apscheduler", "alembic", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(config.level)))
+    # pynetdicom logs every refused connection at ERROR; pe-node reports each failure itself, with context.
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if config.level == "DEBUG" else logging.CRITICAL)

@@ -178,9 +178,12 @@ class StoreSCP:
 class Orthanc:
     """An Orthanc PACS with its own storage, DICOM port and REST port."""
 
+    DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
     def __init__(self, root: Path, dicom_port: int | None = None, ae_title: str = "ORTHANC",
-                 modalities: dict[str, list[Any]] | None = None) -> None:
+                 modalities: dict[str, list[Any]] | None = None, dicomweb: bool = False) -> None:
         self.root = root
+        self.dicomweb = dicomweb
         self.dicom_port = dicom_port or free_port()
         self.http_port = free_port()
         self.ae_title = ae_title
@@ -203,7 +206,8 @@ class Orthanc:
             "DicomAlwaysAllowEcho": True,
             "DicomModalities": self.modalities,
             "StorageCompression": False,
-            "Plugins": [],
+            "Plugins": [str(self.DICOMWEB_PLUGIN)] if self.dicomweb else [],
+            "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"},
         }
         config_path = self.root / "orthanc.json"
         config_path.write_text(json.dumps(config))
@@ -217,6 +221,10 @@ class Orthanc:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(20)
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:

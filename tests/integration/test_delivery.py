@@ -16,7 +16,7 @@ from pe_node.delivery.destinations import Outgoing
 from pe_node.delivery.outbox import Outbox, enqueue, resend_job
 from tests.dicom_factory import write_ct_series
 from tests.integration.conftest import needs_dcmtk
-from tests.peers import StoreSCP, free_port
+from tests.peers import Orthanc, StoreSCP, free_port
 
 pytestmark = needs_dcmtk
 
@@ -166,3 +166,32 @@ def test_removed_destination_fails_with_a_reason(tmp_path: Path, db: Database, o
     with db.session() as session:
         row = session.scalars(select(Delivery)).one()
     assert row.state == DeliveryState.FAILED and "'retired' is no longer configured" in row.error
+
+
+needs_dicomweb = pytest.mark.skipif(not Orthanc.DICOMWEB_PLUGIN.exists(),
+                                    reason="Orthanc's DICOMweb plugin is not installed (make test installs it)")
+
+
+@needs_dicomweb
+def test_stow_rs_to_orthanc_dicomweb(tmp_path: Path, db: Database, objects: list[Outgoing]) -> None:
+    with Orthanc(tmp_path / "orthanc", dicomweb=True) as pacs:
+        cfg = config(tmp_path, [{"type": "dicomweb", "name": "web", "url": pacs.dicomweb_url}])
+        t0 = utcnow()
+        queue(db, objects, ["web"], t0)
+        assert Outbox(db, cfg).deliver_due(now=t0) == 3
+        stored = {pacs.get(f"/instances/{i}/simplified-tags")["SOPInstanceUID"] for i in pacs.get("/instances")}
+        assert stored == {o.sop_instance_uid for o in objects}
+        from pe_node.delivery.dicomweb import probe
+
+        assert probe(cfg.destinations[0])[0]
+    assert states(db)["web"] == [(DeliveryState.DONE, 1)] * 3
+
+
+def test_stow_rs_to_a_server_that_is_down_is_retried(tmp_path: Path, db: Database, objects: list[Outgoing]) -> None:
+    cfg = config(tmp_path, [{"type": "dicomweb", "name": "web", "url": f"http://127.0.0.1:{free_port()}/dicom-web"}])
+    t0 = utcnow()
+    queue(db, objects[:1], ["web"], t0)
+    assert Outbox(db, cfg).deliver_due(now=t0) == 0
+    with db.session() as session:
+        row = session.scalars(select(Delivery)).one()
+    assert row.state == DeliveryState.PENDING and "STOW-RS to http://127.0.0.1" in row.error
