@@ -7,8 +7,10 @@ CONFIG ?= config.yaml
 # torch and torchvision are pinned: these builds install from the local wheel cache on the project's machines,
 # where a looser pin would download a multi-GB build.
 TORCH := torch==2.14.1 torchvision==0.29.1
-# Debian packages the tests start as real peers: command to look for, package that provides it.
-TEST_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc
+# Debian packages the tests start as real peers: the command (or file) to look for, the package that provides it.
+TEST_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc \
+	/usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb \
+	/usr/lib/postgresql/*/bin/pg_ctl:postgresql openssl:openssl
 
 .PHONY: run setup test test-setup system-tools bench clean
 
@@ -31,7 +33,9 @@ run: setup
 # Install the Debian tools the tests need when they are missing and we may (root); otherwise say what is missing.
 system-tools:
 	@missing=""; for pair in $(TEST_TOOLS); do \
-	    command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
+	    check=$${pair%%:*}; \
+	    case $$check in /*) ls $$check >/dev/null 2>&1 ;; *) command -v $$check >/dev/null 2>&1 ;; esac \
+	        || missing="$$missing $${pair##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import sys
 import time
 import urllib.request
@@ -247,3 +248,50 @@ def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.1, wha
         time.sleep(interval)
     raise TimeoutError(f"{what} not reached after {timeout} s")
 
+
+
+def postgres_bin() -> Path | None:
+    """The folder of the newest installed PostgreSQL server binaries (Debian keeps them off PATH)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parent.parent.name))
+    return found[-1].parent if found else None
+
+
+class PostgresServer:
+    """A throw-away PostgreSQL cluster on a free port (run as the postgres user when we are root)."""
+
+    def __init__(self) -> None:
+        binaries = postgres_bin()
+        if binaries is None:
+            raise RuntimeError("PostgreSQL server binaries not found")
+        self.bin = binaries
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="pe-node-pg-"))
+        self.data = self.root / "data"
+        self._as_postgres = os.geteuid() == 0
+        if self._as_postgres:
+            shutil.chown(self.root, "postgres", "postgres")
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        command = ["runuser", "-u", "postgres", "--", *args] if self._as_postgres else list(args)
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+
+    def start(self) -> PostgresServer:
+        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=200"
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.root / "log"),
+                  "-w", "start")
+        return self
+
+    def create_database(self, name: str) -> str:
+        """A new empty database; its SQLAlchemy URL."""
+        self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)
+        return self.url(name)
+
+    def url(self, name: str) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        try:
+            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
