@@ -103,6 +103,7 @@ class Series(Base):
     first_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     last_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
     completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    purged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
     jobs: Mapped[list[Job]] = relationship(back_populates="series", order_by="Job.id")
 

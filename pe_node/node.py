@@ -23,10 +23,12 @@ from pe_node.dicom.audit import AssociationAudit
 from pe_node.dicom.scp import Receiver
 from pe_node.jobs.completion import sweep
 from pe_node.jobs.queue import requeue_expired
+from pe_node.jobs.retention import Retention
 
 log = logging.getLogger(__name__)
 
 LEASE_SWEEP_SECONDS = 5.0
+RETENTION_SWEEP_SECONDS = 60.0
 
 
 class Service(Protocol):
@@ -63,6 +65,8 @@ class Node:
             archive.remove_stale_temporaries()
             self.receiver = Receiver(config.node, archive, AssociationAudit(self.db))
             self.scheduler.add_job(self._sweep, "interval", seconds=config.series.sweep_seconds, id="completion")
+            self.retention = Retention(self.db, config)
+            self.scheduler.add_job(self._retain, "interval", seconds=RETENTION_SWEEP_SECONDS, id="retention")
         self.scheduler.add_job(self._requeue, "interval", seconds=LEASE_SWEEP_SECONDS, id="leases")
         if roles.work:
             if worker_factory is None:
@@ -103,6 +107,12 @@ class Node:
             sweep(self.db, self.config.series)
         except Exception:
             log.exception("completion sweep failed; retrying at the next tick")
+
+    def _retain(self) -> None:
+        try:
+            self.retention.run()
+        except Exception:
+            log.exception("retention sweep failed; retrying at the next tick")
 
     def _requeue(self) -> None:
         try:

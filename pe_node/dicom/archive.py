@@ -39,7 +39,8 @@ _UPSERT_SERIES = text(
     "INSERT INTO series (series_instance_uid, study_instance_uid, modality, series_description, state, "
     "first_received_at, last_received_at) VALUES (:series_uid, :study_uid, :modality, :description, 'receiving', "
     ":now, :now) ON CONFLICT (series_instance_uid) DO UPDATE SET last_received_at = excluded.last_received_at, "
-    "state = 'receiving', reason = NULL, modality = COALESCE(excluded.modality, series.modality) RETURNING id"
+    "state = 'receiving', reason = NULL, purged_at = NULL, "
+    "modality = COALESCE(excluded.modality, series.modality) RETURNING id"
 ).bindparams(bindparam("now", type_=UTCDateTime()))
 _INSERT_INSTANCE = text(
     "INSERT INTO instances (sop_instance_uid, series_id, sop_class_uid, transfer_syntax_uid, instance_number, "
