@@ -17,6 +17,7 @@ from pathlib import Path
 from pe_node import __version__
 from pe_node.config import Config, ConfigError, load_config
 from pe_node.logs import configure_logging
+from pe_node.node import StartError
 
 log = logging.getLogger("pe_node")
 
@@ -34,6 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pe-node: {exc}", file=sys.stderr)
         return 2
+    except StartError as exc:
+        print(f"pe-node: cannot start: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -192,6 +192,14 @@ class RetentionConfig(_Section):
     days: float = Field(7, gt=0)
 
 
+class WebConfig(_Section):
+    """The read-only status page, /metrics (Prometheus) and /healthz of this process."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535, description="0 picks a free port")
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(False, alias="json")
@@ -214,6 +222,7 @@ class Config(_Section):
     outputs: OutputsConfig = OutputsConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     retention: RetentionConfig = RetentionConfig()
+    web: WebConfig = WebConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @field_validator("destinations")

@@ -12,7 +12,8 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -24,6 +25,11 @@ from pe_node.dicom.scp import Receiver
 from pe_node.jobs.completion import sweep
 from pe_node.jobs.queue import requeue_expired
 from pe_node.jobs.retention import Retention
+from pe_node.metrics import Metrics
+from pe_node.web import WebServer
+
+if TYPE_CHECKING:
+    from pe_node.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +37,14 @@ LEASE_SWEEP_SECONDS = 5.0
 RETENTION_SWEEP_SECONDS = 60.0
 
 
-class Service(Protocol):
-    """A long-running part of the node with its own threads."""
-
-    def start(self) -> None: ...
-
-    def stop(self, timeout: float = 30.0) -> None: ...
-
-
 @dataclass(frozen=True)
 class Roles:
     receive: bool
     work: bool
+
+
+class StartError(RuntimeError):
+    """The node cannot start as configured (a port in use, ...); the message says which setting."""
 
 
 def worker_id() -> str:
@@ -52,18 +54,22 @@ def worker_id() -> str:
 class Node:
     """Everything one process runs, built from one frozen Config."""
 
-    def __init__(self, config: Config, roles: Roles, worker_factory: Callable[[Config, Database], Service] | None = None,
+    def __init__(self, config: Config, roles: Roles,
+                 worker_factory: Callable[[Config, Database, Metrics], Worker] | None = None,
                  db: Database | None = None) -> None:
         self.config = config
         self.roles = roles
         self.db = db or Database(config.database.url)
+        self.metrics = Metrics()
+        self.metrics.watch(self.db, Path(config.storage.path))
         self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
         self.receiver: Receiver | None = None
-        self.worker: Service | None = None
+        self.worker: Worker | None = None
+        self.web: WebServer | None = None
         if roles.receive:
             archive = Archive(config.storage, self.db)
             archive.remove_stale_temporaries()
-            self.receiver = Receiver(config.node, archive, AssociationAudit(self.db))
+            self.receiver = Receiver(config.node, archive, AssociationAudit(self.db), self.metrics)
             self.scheduler.add_job(self._sweep, "interval", seconds=config.series.sweep_seconds, id="completion")
             self.retention = Retention(self.db, config)
             self.scheduler.add_job(self._retain, "interval", seconds=RETENTION_SWEEP_SECONDS, id="retention")
@@ -71,11 +77,33 @@ class Node:
         if roles.work:
             if worker_factory is None:
                 raise ValueError("a working node needs a worker factory")
-            self.worker = worker_factory(config, self.db)
+            self.worker = worker_factory(config, self.db, self.metrics)
+        if config.web.enabled:
+            receiver = self.receiver
+            self.web = WebServer(config.web, self.db, self.metrics, self._model_info(),
+                                 receiving=(lambda: receiver.listening) if receiver is not None else None)
+
+    def _model_info(self) -> dict[str, object]:
+        if self.worker is not None:
+            info = dict(self.worker.predictor.model_info())
+            info["algorithm"] = f"{self.worker.algorithm.name} {self.worker.algorithm.version}"
+            return info
+        return {"checkpoint": str(self.config.model.checkpoint), "analysed by": "pe-node worker processes"}
 
     def start(self) -> None:
+        """Start every part; a port already in use is a StartError naming the config key."""
         if self.receiver is not None:
-            self.receiver.start()
+            try:
+                self.receiver.start()
+            except OSError as exc:
+                raise StartError(f"node.port {self.config.node.port} on {self.config.node.host}: {exc.strerror}") \
+                    from None
+        if self.web is not None:
+            try:
+                self.web.start()
+            except OSError as exc:
+                raise StartError(f"web.port {self.config.web.port} on {self.config.web.host}: {exc.strerror} "
+                                 "(give each process on a host its own, e.g. PE_NODE__WEB__PORT)") from None
         self.scheduler.start()
         if self.worker is not None:
             self.worker.start()
@@ -85,9 +113,12 @@ class Node:
         log.info("stopping")
         if self.receiver is not None:
             self.receiver.stop()
-        self.scheduler.shutdown(wait=True)
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
         if self.worker is not None:
             self.worker.stop()
+        if self.web is not None:
+            self.web.stop()
         self.db.dispose()
         log.info("stopped")
 
@@ -104,7 +135,7 @@ class Node:
 
     def _sweep(self) -> None:
         try:
-            sweep(self.db, self.config.series)
+            sweep(self.db, self.config.series, metrics=self.metrics)
         except Exception:
             log.exception("completion sweep failed; retrying at the next tick")
 

@@ -33,6 +33,7 @@ from pe_node.delivery.outbox import Outbox, enqueue
 from pe_node.findings import Prediction
 from pe_node.jobs.completion import is_eligible
 from pe_node.jobs.queue import ClaimedJob, JobQueue, LeaseLost
+from pe_node.metrics import Metrics
 from pe_node.node import worker_id
 from pe_node.pipeline.series import CTSeries, SeriesError, SliceRef, load_series
 from pe_node.pipeline.suitability import SuitabilityRules, check_suitability
@@ -52,12 +53,14 @@ class StopRequested(Exception):
 class Worker:
     """A thread that works the queue until stopped; also sends due deliveries between jobs."""
 
-    def __init__(self, config: Config, db: Database, predictor: Any, owner: str | None = None) -> None:
+    def __init__(self, config: Config, db: Database, predictor: Any, metrics: Metrics | None = None,
+                 owner: str | None = None) -> None:
         self.config = config
         self.db = db
         self.predictor = predictor
+        self.metrics = metrics or Metrics()
         self.queue = JobQueue(db, config.worker, owner or worker_id())
-        self.outbox = Outbox(db, config)
+        self.outbox = Outbox(db, config, self.metrics)
         self.results = Path(config.storage.path) / "results"
         self.rules = SuitabilityRules(min_slices=config.series.min_instances)
         capture = config.outputs.secondary_capture
@@ -73,14 +76,14 @@ class Worker:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def from_config(cls, config: Config, db: Database) -> Worker:
+    def from_config(cls, config: Config, db: Database, metrics: Metrics | None = None) -> Worker:
         """Load the configured checkpoint now, so a bad one stops the node at start with a clear message."""
         from pe_node.model.predictor import Predictor
 
         predictor = Predictor.from_checkpoint(config.model.checkpoint, device=config.model.device,
                                               batch_size=config.model.batch_size)
         log.info("model %s loaded on %s", config.model.checkpoint, predictor.device)
-        return cls(config, db, predictor)
+        return cls(config, db, predictor, metrics)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="worker", daemon=True)
@@ -121,7 +124,7 @@ class Worker:
             log.warning("job %d abandoned: %s", job.id, exc)
         except Exception as exc:
             log.exception("job %d failed", job.id)
-            self._quietly(self.queue.fail, job.id, f"{type(exc).__name__}: {exc}")
+            self._quietly(self._fail, job.id, f"{type(exc).__name__}: {exc}")
 
     def _process(self, job: ClaimedJob, lost: threading.Event) -> None:
         timings: dict[str, float] = {}
@@ -152,6 +155,11 @@ class Worker:
         with self.db.session() as session:
             enqueue(session, job.id, outgoing, [d.name for d in self.config.destinations])
         self.queue.finish(job.id, result, timings)
+        self.metrics.observe("queue_wait", job.queued_seconds)
+        for phase in ("load", "inference", "report"):
+            if phase in timings:
+                self.metrics.observe(phase, timings[phase])
+        self.metrics.jobs_finished.labels(outcome=result["outcome"]).inc()
         log.info("job %d for series %s: %s in %.2f s", job.id, job.series_instance_uid, result["outcome"],
                  timings["total"])
 
@@ -243,6 +251,10 @@ class Worker:
             raise LeaseLost("the lease expired while the job ran")
         if self._stop.is_set():
             raise StopRequested()
+
+    def _fail(self, job_id: int, error: str) -> None:
+        if self.queue.fail(job_id, error) == JobState.FAILED:
+            self.metrics.jobs_finished.labels(outcome="failed").inc()
 
     @staticmethod
     def _quietly(action: Any, *args: Any) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -67,6 +68,7 @@ def node_config(root: Path, port: int, **sections: dict[str, Any]) -> dict[str, 
         "series": {"quiet_seconds": 1.0, "min_instances": 5, "sweep_seconds": 0.2},
         "worker": {"enabled": False},
         "destinations": [{"name": "outbox", "type": "folder", "path": str(root / "outbox")}],
+        "web": {"enabled": True, "host": "127.0.0.1", "port": 0},
         "logging": {"level": "INFO"},
     }
     for name, values in sections.items():
@@ -124,6 +126,12 @@ class NodeProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def web_url(self) -> str:
+        """The base URL of this process's status page (the port is picked at start)."""
+        found = wait_until(lambda: re.search(r"status page, /metrics and /healthz on (http://\S+/)", self.log()),
+                           timeout=30, what="the web server's address in the log")
+        return found.group(1)
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Another pe-node command against the same config (status, check, resend...)."""

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from pe_node.config import Config
 from pe_node.db import Database, Delivery, DeliveryState, utcnow
 from pe_node.delivery.destinations import Outgoing, sender_for
+from pe_node.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,10 @@ def enqueue(session: Session, job_id: int, objects: Sequence[Outgoing], destinat
 class Outbox:
     """Sends due deliveries; safe to run in several workers at once."""
 
-    def __init__(self, db: Database, config: Config) -> None:
+    def __init__(self, db: Database, config: Config, metrics: Metrics | None = None) -> None:
         self.db = db
         self.config = config
+        self.metrics = metrics or Metrics()
         self.destinations = {d.name: d for d in config.destinations}
 
     def deliver_due(self, now: dt.datetime | None = None) -> int:
@@ -105,11 +107,14 @@ class Outbox:
             for row, error in zip(rows, errors):
                 if error is None:
                     values = dict(state=DeliveryState.DONE, delivered_at=now, error=None, attempts=row.attempts + 1)
+                    self.metrics.deliveries.labels(result="delivered").inc()
+                    self.metrics.observe("delivery", (now - row.created_at).total_seconds())
                 else:
                     attempts = row.attempts + 1
                     expired = now - row.created_at >= dt.timedelta(hours=policy.give_up_after_hours)
                     delay = min(policy.initial_backoff_seconds * 2 ** (attempts - 1), policy.max_backoff_seconds)
                     values = dict(attempts=attempts, error=error, next_attempt_at=now + dt.timedelta(seconds=delay))
+                    self.metrics.deliveries.labels(result="failed" if give_up or expired else "retry").inc()
                     if give_up or expired:
                         values["state"] = DeliveryState.FAILED
                         log.error("delivery of %s to %s failed for good: %s", row.sop_instance_uid,

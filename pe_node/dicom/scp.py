@@ -49,6 +49,7 @@ from pe_node.dicom.association import (
     StoreRequest,
 )
 from pe_node.dicom.audit import AssociationAudit
+from pe_node.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -170,10 +171,11 @@ class Gate:
 class StorageService:
     """The node's answers inside an association: admission, C-STORE, and the audit of both."""
 
-    def __init__(self, gate: Gate, archive: Archive, audit: AssociationAudit) -> None:
+    def __init__(self, gate: Gate, archive: Archive, audit: AssociationAudit, metrics: Metrics) -> None:
         self.gate = gate
         self.archive = archive
         self.audit = audit
+        self.metrics = metrics
         self._admitted: set[int] = set()
 
     def requested(self, key: int, request: AssociationRequest) -> Rejection | None:
@@ -188,6 +190,7 @@ class StorageService:
             if rejection is None:
                 self.gate.release()
             rejection = Rejection("audit unavailable", 0x02, 0x03, 0x01)
+        self.metrics.associations.labels(result="rejected" if rejection else "accepted").inc()
         if rejection is not None:
             log.warning("rejected association from %s@%s:%s: %s", request.calling_ae_title, request.host,
                         request.port, rejection.reason)
@@ -213,11 +216,14 @@ class StorageService:
         except Exception as exc:
             log.exception("C-STORE of %s failed unexpectedly", message.sop_instance_uid)
             self.audit.count(key, stored=False)
+            self.metrics.instances.labels(outcome="refused").inc()
             return StoreStatus.OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}"
         finally:
             self.gate.leave()
-        self.audit.count(key, stored=outcome.status == StoreStatus.SUCCESS)
-        if outcome.status != StoreStatus.SUCCESS:
+        stored = outcome.status == StoreStatus.SUCCESS
+        self.audit.count(key, stored=stored)
+        self.metrics.instances.labels(outcome="stored" if stored else "refused").inc()
+        if not stored:
             log.warning("refused C-STORE from %s: 0x%04X %s", request.calling_ae_title, outcome.status,
                         outcome.comment)
         return outcome.status, outcome.comment
@@ -235,10 +241,10 @@ class StorageService:
 class Receiver:
     """The listening AE: start it, and stop it gracefully (in-flight C-STOREs are answered first)."""
 
-    def __init__(self, node: NodeConfig, archive: Archive, audit: AssociationAudit) -> None:
+    def __init__(self, node: NodeConfig, archive: Archive, audit: AssociationAudit, metrics: Metrics) -> None:
         self.node = node
         self.gate = Gate(parse_callers(node.allowed_callers), node.max_associations)
-        self.service = StorageService(self.gate, archive, audit)
+        self.service = StorageService(self.gate, archive, audit, metrics)
         self.settings = AcceptorSettings(
             ae_title=node.ae_title,
             contexts=supported_contexts(),
@@ -252,6 +258,10 @@ class Receiver:
         self._lock = threading.Lock()
         if not node.allowed_callers:
             log.warning("node.allowed_callers is empty: accepting associations from any AE title")
+
+    @property
+    def listening(self) -> bool:
+        return self._listener is not None
 
     @property
     def port(self) -> int:
@@ -271,6 +281,7 @@ class Receiver:
         if self._listener is None:
             return
         listener, self._listener = self._listener, None
+        self.gate.draining = True
         _shutdown_listener(listener)
         if self._thread is not None:
             self._thread.join(timeout=5)

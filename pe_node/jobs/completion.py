@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from pe_node.config import SeriesConfig
 from pe_node.db import Database, Instance, Job, JobState, Series, SeriesState, utcnow
+from pe_node.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ def route(series: Series, instances: Iterable[tuple[str, str | None]], rules: Se
     return Routing(True, None, eligible)
 
 
-def sweep(db: Database, rules: SeriesConfig, now: dt.datetime | None = None) -> list[int]:
+def sweep(db: Database, rules: SeriesConfig, now: dt.datetime | None = None,
+          metrics: Metrics | None = None) -> list[int]:
     """Route every series quiet since ``now - quiet_seconds``; return the ids of the jobs queued."""
     now = now or utcnow()
     cutoff = now - dt.timedelta(seconds=rules.quiet_seconds)
@@ -79,6 +81,10 @@ def sweep(db: Database, rules: SeriesConfig, now: dt.datetime | None = None) -> 
             job_id = _complete(session, series, rules, now)
             if job_id is not None:
                 queued.append(job_id)
+            if metrics is not None:
+                metrics.series.labels(routing=series.state.value).inc()
+                if job_id is not None:
+                    metrics.observe("receive_to_complete", (now - series.last_received_at).total_seconds())
     return queued
 
 

@@ -31,6 +31,7 @@ class ClaimedJob:
     series_instance_uid: str
     study_instance_uid: str
     attempt: int
+    queued_seconds: float
 
 
 class LeaseLost(RuntimeError):
@@ -75,7 +76,8 @@ class JobQueue:
             assert series is not None
             log.info("job %d claimed by %s (attempt %d) for series %s", job.id, self.owner, job.attempts,
                      series.series_instance_uid)
-            return ClaimedJob(job.id, series.id, series.series_instance_uid, series.study_instance_uid, job.attempts)
+            return ClaimedJob(job.id, series.id, series.series_instance_uid, series.study_instance_uid, job.attempts,
+                              (now - job.created_at).total_seconds())
 
     def heartbeat(self, job_id: int, now: dt.datetime | None = None) -> None:
         """Extend the lease; raise LeaseLost if this worker no longer holds it."""
