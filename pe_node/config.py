@@ -66,6 +66,7 @@ class NodeConfig(_Section):
     max_associations: int = Field(10, ge=1, le=1000)
     tls: TLSConfig | None = None
     max_pdu_bytes: int = Field(4 * 1024 * 1024, ge=0, description="0 means unlimited")
+    max_dataset_mb: float = Field(2048, gt=0)
     network_timeout_seconds: float = Field(60.0, gt=0)
 
     @field_validator("allowed_callers")

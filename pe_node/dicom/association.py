@@ -112,6 +112,7 @@ class AcceptorSettings:
     contexts: Sequence[PresentationContext]
     max_pdu_bytes: int
     timeout_seconds: float
+    max_dataset_bytes: int
 
 
 class IncomingAssociation:
@@ -211,6 +212,7 @@ class IncomingAssociation:
         assert self._request is not None
         command = bytearray()
         data = bytearray()
+        oversized = 0  # bytes of a dataset over the size limit, read and dropped to stay in step with the peer
         fields: dict[int, bytes] | None = None
         context_id = 0
         while True:
@@ -241,10 +243,18 @@ class IncomingAssociation:
                 else:
                     if fields is None or pdv_context != context_id:
                         raise ProtocolError("a dataset fragment arrived without its command")
-                    data += fragment
-                    if is_last:
-                        self._dispatch(context_id, fields, bytes(data))
+                    if oversized or len(data) + len(fragment) > self.settings.max_dataset_bytes:
+                        oversized += len(data) + len(fragment)
                         data.clear()
+                    else:
+                        data += fragment
+                    if is_last:
+                        if oversized:
+                            self._refuse_oversized(context_id, fields, oversized)
+                        else:
+                            self._dispatch(context_id, fields, bytes(data))
+                        data.clear()
+                        oversized = 0
                         fields = None
 
     def _dispatch(self, context_id: int, fields: dict[int, bytes], dataset: bytes) -> None:
@@ -265,6 +275,13 @@ class IncomingAssociation:
             message = StoreRequest(message_id, sop_class, sop_instance, str(context.transfer_syntax[0]), dataset)
             status, comment = self.handler.store(self.key, self._request, message)
         self._send(_response(context_id, _C_STORE_RSP, message_id, sop_class, sop_instance, status, comment))
+
+    def _refuse_oversized(self, context_id: int, fields: dict[int, bytes], size: int) -> None:
+        limit_mb = self.settings.max_dataset_bytes / 2**20
+        log.warning("refused a dataset of %d bytes from %s:%s: over node.max_dataset_mb (%.0f MB)", size,
+                    *self.peer, limit_mb)
+        self._send(_response(context_id, _C_STORE_RSP, _us(fields, 0x0110), _ui(fields, 0x0002), _ui(fields, 0x1000),
+                             0xA700, f"dataset larger than {limit_mb:.0f} MB (node.max_dataset_mb)"))
 
     def _read_limit(self) -> int:
         return self.settings.max_pdu_bytes + 6 if self.settings.max_pdu_bytes else 1 << 31

@@ -250,6 +250,7 @@ class Receiver:
             contexts=supported_contexts(),
             max_pdu_bytes=node.max_pdu_bytes,
             timeout_seconds=node.network_timeout_seconds,
+            max_dataset_bytes=int(node.max_dataset_mb * 2**20),
         )
         self._tls = tls_context(node)
         self._listener: socket.socket | None = None
