@@ -1,0 +1,36 @@
+"""Shared pytest fixtures: a tiny random-weight PE model and checkpoint, and a small synthetic CT series on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pe_node.model import PEModel, save_checkpoint
+from tests.dicom_factory import write_ct_series
+from tests.tiny_models import TINY_PREPROCESS, tiny_model
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def tiny_pe_model() -> PEModel:
+    """A fresh tiny random-weight PE model (see ``tests.tiny_models``), in eval mode."""
+    return tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint file of ``tiny_model()`` with 64 px preprocessing (read-only: copy it to change it)."""
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny.pt"
+    provenance = {"data": "random weights", "purpose": "tests"}
+    return save_checkpoint(path, tiny_model(), TINY_PREPROCESS, provenance=provenance)
+
+
+@pytest.fixture(scope="session")
+def ct_series_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding one synthetic 40-slice 64x64 CT series (read-only: do not add files to it)."""
+    folder = tmp_path_factory.mktemp("ct_series")
+    write_ct_series(folder, n_slices=40, size=64, seed=3)
+    return folder
