@@ -1,0 +1,82 @@
+"""Scale-out on PostgreSQL: one receiver and two workers share the database and the storage path."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.dicom_factory import write_ct_series
+from tests.integration.conftest import needs_dcmtk
+from tests.peers import NodeProcess, PostgresServer, free_port, node_config, postgres_bin, run_dcmtk, wait_until
+
+pytestmark = [needs_dcmtk, pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL is not installed")]
+
+
+@pytest.fixture
+def database_url() -> Iterator[str]:
+    server = PostgresServer().start()
+    try:
+        yield server.create_database("pe_node")
+    finally:
+        server.stop()
+
+
+def test_twenty_series_each_analysed_once_with_a_worker_killed_mid_job(tmp_path: Path, tiny_checkpoint: Path,
+                                                                        database_url: str) -> None:
+    root = tmp_path / "shared"
+    config = node_config(
+        root, free_port(),
+        database={"url": database_url},
+        series={"quiet_seconds": 0.5, "min_instances": 30, "sweep_seconds": 0.2},
+        model={"checkpoint": str(tiny_checkpoint), "device": "cpu", "batch_size": 1},
+        worker={"enabled": True, "lease_seconds": 6, "max_attempts": 3, "poll_seconds": 0.1},
+        destinations=[{"type": "folder", "name": "outbox", "path": str(root / "outbox")}],
+    )
+    receiver = NodeProcess(root, config, args=("serve", "--no-worker")).start()
+    workers = [NodeProcess(root, config, args=("worker",)) for _ in range(2)]
+    for number, worker in enumerate(workers):
+        worker.log_path = root / f"worker-{number}.log"
+        worker.start()
+    try:
+        series = [write_ct_series(tmp_path / f"s{k}", n_slices=60, size=96, seed=k) for k in range(20)]
+        result = run_dcmtk("storescu", "-aec", "PE_NODE", "127.0.0.1", str(receiver.port),
+                           *map(str, itertools.chain.from_iterable(series)))
+        assert result.returncode == 0, result.stderr
+
+        victim = workers[0]
+        owner = f":{victim.process.pid}"
+        engine = create_engine(database_url)
+        running_on_victim = text("SELECT id FROM jobs WHERE state = 'running' AND lease_owner LIKE :owner")
+
+        def victim_job() -> int | None:
+            with engine.connect() as connection:
+                return connection.execute(running_on_victim, {"owner": f"%{owner}"}).scalar()
+
+        killed_job = wait_until(victim_job, timeout=120, interval=0.005, what="a job running on the first worker")
+        victim.kill()
+        assert victim_job() == killed_job, "killed mid-job: the job is still leased to the dead worker"
+        engine.dispose()
+
+        def all_done() -> dict | None:
+            status = receiver.status()
+            return status if len(status["jobs"]) == 20 and all(j["state"] == "done" for j in status["jobs"]) \
+                else None
+
+        status = wait_until(all_done, timeout=300, interval=0.5, what="20 finished jobs")
+    finally:
+        for process in (*workers, receiver):
+            process.stop()
+    jobs = status["jobs"]
+    assert sorted(j["series_instance_uid"] for j in jobs) == sorted({j["series_instance_uid"] for j in jobs})
+    assert len({j["series_instance_uid"] for j in jobs}) == 20, "every series analysed, none twice"
+    [redone] = [j for j in jobs if j["id"] == killed_job]
+    assert redone["attempts"] == 2, "the killed worker's job ran again on the other worker"
+    assert all(j["attempts"] == 1 for j in jobs if j["id"] != killed_job)
+    assert {s["state"] for s in status["series"]} == {"complete"}
+    delivered = [d for d in status["deliveries"] if d["state"] == "done"]
+    objects = list((root / "outbox").rglob("*.dcm"))
+    assert len(objects) == len(delivered) == len({d["sop_instance_uid"] for d in delivered})
