@@ -12,7 +12,7 @@ TEST_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc \
 	/usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb \
 	/usr/lib/postgresql/*/bin/pg_ctl:postgresql openssl:openssl chromium:chromium
 
-.PHONY: run setup test test-setup system-tools bench clean
+.PHONY: run setup demo test test-setup system-tools bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ setup: $(BIN)/.installed
 
 run: setup
 	$(BIN)/pe-node serve --config $(CONFIG)
+
+# With `make run` going in another terminal: send one synthetic CTPA with a clot and print what the node found.
+demo: setup
+	$(BIN)/python -m pe_node.demo --config $(CONFIG)
 
 # Install the Debian tools the tests need when they are missing and we may (root); otherwise say what is missing.
 system-tools:
