@@ -27,7 +27,7 @@ from sqlalchemy import select
 
 from pe_node import __version__
 from pe_node.config import Config
-from pe_node.db import Database, Instance, Job, JobState, Series
+from pe_node.db import Database, Instance, Job, JobState
 from pe_node.delivery.destinations import Outgoing
 from pe_node.delivery.outbox import Outbox, enqueue
 from pe_node.findings import Prediction

@@ -6,10 +6,8 @@ receive, and the worker runs a tiny random-weight model from a real checkpoint f
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from pe_node.config import ConfigError, DicomDestination, load_config
 
@@ -92,7 +93,7 @@ def test_missing_or_malformed_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_config_is_frozen() -> None:
     config = load_config(None, environ={})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         config.node.port = 1  # type: ignore[misc]
 
 
