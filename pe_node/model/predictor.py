@@ -6,9 +6,10 @@ image probabilities, and class-activation maps are computed for a few chosen sli
 
 Stage 1 has a fast path (the default) and the plain float32 path (``fast=False``, for comparison and benchmarks).
 The fast path runs under ``torch.inference_mode`` in channels-last memory format with batch norm folded into the
-convolutions, and under autocast in bfloat16 on CPUs with native bf16 (AMX or AVX512-BF16; elsewhere bf16 is far
-slower than float32, so float32 is kept) and in bfloat16 or float16 on CUDA. On the CPU it also runs stage 1 a few
-slices at a time (``CPU_FAST_BATCH``), which avoids the page faults of large activation buffers.
+convolutions, and under autocast in bfloat16 on CPUs with native bf16 (AMX or AVX512-BF16) and in bfloat16 or
+float16 on CUDA. On a CPU without native bf16 (where bf16 is far slower than float32) stage 1 runs in float32
+through ONNX Runtime instead, when it is installed (``runtime.py``). On the CPU it also runs stage 1 a few slices at
+a time (``CPU_FAST_BATCH``), which avoids the page faults of large activation buffers.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pe_node.model.consistency import make_consistent
 from pe_node.model.encoder import SliceEncoder
 from pe_node.model.folding import fold_batchnorm
 from pe_node.model.preprocess import CropBox, PreprocessConfig, plan_crop, preprocess_slices
+from pe_node.model.runtime import onnx_embedder
 from pe_node.pipeline.series import CTSeries
 
 logger = logging.getLogger(__name__)
@@ -116,6 +118,9 @@ class Predictor:
         self.precision = _precision(precision, fast, self.device)
         self.meta = meta
         self._encoder = self._inference_encoder(model.encoder) if fast else model.encoder
+        use_onnx = cpu_fast and self.precision == "fp32"
+        self._runtime = onnx_embedder(model.encoder, preprocess.size) if use_onnx else None
+        self.engine = "onnxruntime" if self._runtime is not None else "torch"
 
     @classmethod
     def from_checkpoint(
@@ -189,7 +194,10 @@ class Predictor:
                 with timer.phase("preprocess"):
                     images = self._input(hu[start:stop], box)
                 with timer.phase("stage1"), self._autocast():
-                    embeddings[start:stop] = self._encoder.embed(images)
+                    if self._runtime is not None:
+                        embeddings[start:stop] = self._runtime(images)
+                    else:
+                        embeddings[start:stop] = self._encoder.embed(images)
         return embeddings.clone()  # a normal tensor, so training may feed it to autograd
 
     def _cams(self, hu: np.ndarray, indices: Sequence[int], box: CropBox | None) -> dict[int, np.ndarray]:
@@ -218,11 +226,12 @@ class Predictor:
             "trained_with": self.meta.pe_node_version if self.meta else None,
             "device": str(self.device),
             "precision": self.precision,
+            "engine": self.engine,
         }
 
     def _input(self, hu: np.ndarray, box: CropBox | None) -> torch.Tensor:
         images = preprocess_slices(torch.from_numpy(np.ascontiguousarray(hu)), self.preprocess, box, self.device)
-        if self.fast:
+        if self.fast and self._runtime is None:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 

@@ -101,12 +101,27 @@ def test_eval_outputs_are_deterministic(tiny_checkpoint: Path) -> None:
 
 
 def test_fast_fp32_path_matches_the_plain_path() -> None:
-    """channels_last + folded batch norm in fp32: the same numbers up to float rounding (1e-4)."""
+    """The fp32 fast path (ONNX Runtime where installed, else channels_last + folded batch norm): the same numbers
+    as the plain path up to float rounding (1e-4)."""
     model = with_random_batchnorm()
     hu = phantom_volume(n_slices=6, size=64)
-    plain = Predictor(model, TINY_PREPROCESS, device="cpu", fast=False).embed(hu)
-    fast = Predictor(model, TINY_PREPROCESS, device="cpu", fast=True, precision="fp32").embed(hu)
-    assert torch.allclose(fast, plain, atol=1e-4, rtol=1e-4)
+    plain = Predictor(model, TINY_PREPROCESS, device="cpu", fast=False)
+    fast = Predictor(model, TINY_PREPROCESS, device="cpu", fast=True, precision="fp32")
+    assert plain.engine == "torch"
+    assert torch.allclose(fast.embed(hu), plain.embed(hu), atol=1e-4, rtol=1e-4)
+
+
+def test_fp32_fast_path_on_the_cpu_runs_in_onnx_runtime_and_predicts_alike() -> None:
+    pytest.importorskip("onnxruntime")
+    model = with_random_batchnorm()
+    series = synthetic_series(8)
+    fast = Predictor(model, TINY_PREPROCESS, device="cpu", fast=True, precision="fp32")
+    plain = Predictor(model, TINY_PREPROCESS, device="cpu", fast=False)
+    assert fast.engine == "onnxruntime" and fast.model_info()["engine"] == "onnxruntime"
+    a, b = fast.predict(series, cam_slices=2), plain.predict(series, cam_slices=2)
+    assert np.abs(a.image - b.image).max() < 1e-4
+    assert max(abs(a.exam[k] - b.exam[k]) for k in EXAM_LABELS) < 1e-4
+    assert set(a.cams) == set(b.cams)
 
 
 def test_bf16_fast_path_matches_fp32_within_tolerance() -> None:
