@@ -86,8 +86,9 @@ def report_speed(args: argparse.Namespace) -> None:
         f"{args.backbone}, batch {args.batch_size}"
     )
     print(
-        f"  fast path: {fast.precision} (native CPU bf16: {cpu_has_fast_bf16()}), channels_last, batch norm folded, "
-        f"stage 1 in steps of {fast.step}; plain path: fp32, contiguous, steps of {plain.step}"
+        f"  fast path: {fast.precision} (native CPU bf16: {cpu_has_fast_bf16()}), stage 1 in {fast.engine}"
+        f"{'' if fast.engine == 'onnxruntime' else ' (channels_last, batch norm folded)'}, steps of {fast.step}; "
+        f"plain path: fp32 PyTorch, contiguous, steps of {plain.step}"
     )
     for name, timings in results.items():
         phases = ", ".join(f"{k} {v:.2f}" for k, v in timings.items() if k not in ("total", "cpu"))

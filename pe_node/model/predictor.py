@@ -179,6 +179,24 @@ class Predictor:
         """
         return self._embed(hu, plan_crop(hu, self.preprocess), _Timer(self.device))
 
+    def embed_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """Stage-1 embeddings [n, C] (float32, on the device) of slices already preprocessed [n, 3, S, S].
+
+        The same encoder, steps and precision as ``predict`` and ``embed``, on input that ``preprocess_slices`` made
+        earlier: training extracts its stage-2 features from its cache of preprocessed slices with this.
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"embed_inputs expects preprocessed slices [n, 3, S, S], got {tuple(images.shape)}")
+        with torch.inference_mode():
+            embeddings = torch.empty(len(images), self.model.embedding_dim, dtype=torch.float32, device=self.device)
+            for start in range(0, len(images), self.step):
+                chunk = images[start : start + self.step].to(self.device, torch.float32, non_blocking=True)
+                if self.fast:
+                    chunk = chunk.contiguous(memory_format=torch.channels_last)
+                with self._autocast():
+                    embeddings[start : start + len(chunk)] = self._encoder.embed(chunk)
+        return embeddings.clone()
+
     def cams(self, hu: np.ndarray, indices: Sequence[int]) -> dict[int, np.ndarray]:
         """Class-activation maps of the image label for slices ``indices`` of a series [n, rows, cols] in HU.
 

@@ -174,3 +174,14 @@ def test_embeddings_are_the_encoder_on_the_shared_preprocessing_and_can_train_st
     model.sequence.train()
     model.sequence(embeddings[None]).exam.sum().backward()
     assert model.sequence.exam_head.weight.grad is not None
+
+
+def test_embeddings_of_preprocessed_input_equal_those_of_the_series() -> None:
+    model = with_random_batchnorm()
+    hu = phantom_volume(n_slices=7, size=96)
+    preprocess = PreprocessConfig(size=64, crop="body")
+    predictor = Predictor(model, preprocess, device="cpu", batch_size=3)
+    images = preprocess_slices(hu, preprocess, box=plan_crop(hu, preprocess))
+    assert torch.allclose(predictor.embed_inputs(images), predictor.embed(hu), atol=1e-6)
+    with pytest.raises(ValueError, match=r"\[n, 3, S, S\]"):
+        predictor.embed_inputs(images[:, :1])
