@@ -260,3 +260,20 @@ def test_job_failing_every_attempt_ends_failed_with_its_error(start_node, tiny_c
     assert job["attempts"] == 2
     assert "FileExistsError" in job["error"] or "NotADirectoryError" in job["error"]
     assert "failed" in node.cli("status").stdout
+
+
+def test_resend_queues_a_jobs_objects_again_and_status_shows_them(start_node, tiny_checkpoint: Path,
+                                                                   ctpa: list[Path], tmp_path: Path) -> None:
+    node = working_node(start_node, tiny_checkpoint, [
+        {"type": "folder", "name": "outbox", "path": str(tmp_path / "outbox")}])
+    send(node, ctpa)
+    [job] = finished_jobs(node)["jobs"]
+    first = delivered(node)["deliveries"]
+    shutil.rmtree(tmp_path / "outbox")
+    result = node.cli("resend", str(job["id"]))
+    assert result.returncode == 0 and f"job {job['id']}: {len(first)} deliveries queued again" in result.stdout
+    again = delivered(node)["deliveries"]
+    assert len(again) == len(first) and all(d["attempts"] == 1 for d in again)
+    assert len(list((tmp_path / "outbox").rglob("*.dcm"))) == len(first)
+    missing = node.cli("resend", "999")
+    assert missing.returncode == 1 and "job 999 has no result objects" in missing.stderr
