@@ -34,3 +34,24 @@ def ct_series_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("ct_series")
     write_ct_series(folder, n_slices=40, size=64, seed=3)
     return folder
+
+
+@pytest.fixture(scope="session")
+def phantom_train_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight tiny phantom studies (64 px, 10-14 slices, seed 5) in the RSPECT layout: every class, three of them
+    positive (read-only)."""
+    from training.phantoms import generate
+
+    out = tmp_path_factory.mktemp("phantoms_train")
+    generate(out, 8, 5, slices=(10, 14), size=64, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def phantom_heldout_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five tiny phantom studies made with another seed (6): a held-out set (read-only)."""
+    from training.phantoms import generate
+
+    out = tmp_path_factory.mktemp("phantoms_heldout")
+    generate(out, 5, 6, slices=(10, 14), size=64, workers=1, progress=False)
+    return out

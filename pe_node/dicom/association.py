@@ -147,7 +147,7 @@ class IncomingAssociation:
         finally:
             if self._request is not None:
                 self.handler.closed(self.key)
-            _close(self.sock)
+            close_socket(self.sock)
 
     def abort(self) -> None:
         """Break the association from another thread (shutdown): the blocked read fails and the thread ends."""
@@ -425,7 +425,8 @@ def _abort_pdu(reason: AbortReason) -> bytes:
     return struct.pack(">BBIBBBB", _ABORT, 0, 4, 0, 0, 2, int(reason))
 
 
-def _close(sock: socket.socket) -> None:
+def close_socket(sock: socket.socket) -> None:
+    """Shut a socket down both ways (waking any thread blocked on it) and close it."""
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:

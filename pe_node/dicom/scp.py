@@ -47,6 +47,7 @@ from pe_node.dicom.association import (
     IncomingAssociation,
     Rejection,
     StoreRequest,
+    close_socket,
 )
 from pe_node.dicom.audit import AssociationAudit
 from pe_node.metrics import Metrics
@@ -283,7 +284,7 @@ class Receiver:
             return
         listener, self._listener = self._listener, None
         self.gate.draining = True
-        _shutdown_listener(listener)
+        close_socket(listener)
         if self._thread is not None:
             self._thread.join(timeout=5)
         if not self.gate.drain(timeout):
@@ -326,14 +327,6 @@ class Receiver:
         finally:
             with self._lock:
                 self._associations.pop(association.key, None)
-
-
-def _shutdown_listener(listener: socket.socket) -> None:
-    try:
-        listener.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    listener.close()
 
 
 def tls_context(node: NodeConfig) -> ssl.SSLContext | None:

@@ -191,6 +191,9 @@ class Predictor:
             embeddings = torch.empty(len(images), self.model.embedding_dim, dtype=torch.float32, device=self.device)
             for start in range(0, len(images), self.step):
                 chunk = images[start : start + self.step].to(self.device, torch.float32, non_blocking=True)
+                if self._runtime is not None:
+                    embeddings[start : start + len(chunk)] = self._runtime(chunk)
+                    continue
                 if self.fast:
                     chunk = chunk.contiguous(memory_format=torch.channels_last)
                 with self._autocast():
