@@ -10,7 +10,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # Debian packages the tests start as real peers: the command (or file) to look for, the package that provides it.
 TEST_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc \
 	/usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb \
-	/usr/lib/postgresql/*/bin/pg_ctl:postgresql openssl:openssl chromium:chromium
+	/usr/lib/postgresql/*/bin/pg_ctl:postgresql openssl:openssl chromium:chromium ojph_compress:openjph-tools
 
 .PHONY: run setup demo test test-setup system-tools bench clean
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import subprocess
+
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate
+from pydicom.uid import HTJ2KLossless
 
 from tests.dicom_factory import write_ct_series
 from tests.integration.conftest import needs_dcmtk
-from tests.peers import StoreSCP, run_dcmtk, wait_until
+from tests.peers import StoreSCP, have, run_dcmtk, wait_until
 
 pytestmark = needs_dcmtk
 
@@ -108,16 +112,40 @@ def test_every_transfer_syntax_arrives_as_sent_and_decodable(start_node, tmp_pat
         assert (received.pixel_array == original.pixel_array).all(), f"{source.name} pixels do not decode alike"
 
 
+def htj2k_file(folder: Path, work: Path) -> Path:
+    """CT_small re-encoded as lossless High-Throughput JPEG 2000 by OpenJPH (DCMTK does not know HTJ2K yet)."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    pixels = ds.pixel_array
+    rows, columns = pixels.shape
+    work.mkdir(exist_ok=True)
+    pgm = work / "ct.pgm"
+    pgm.write_bytes(f"P5\n{columns} {rows}\n65535\n".encode() + pixels.astype(">u2").tobytes())
+    subprocess.run(["ojph_compress", "-i", str(pgm), "-o", str(work / "ct.j2c"), "-reversible", "true"],
+                   check=True, capture_output=True)
+    ds.PixelData = encapsulate([(work / "ct.j2c").read_bytes()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = HTJ2KLossless
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(folder / "CT_small_htj2k.dcm", enforce_file_format=True)
+    return folder / "CT_small_htj2k.dcm"
+
+
 def test_pe_node_send_delivers_files_byte_for_byte(start_node, tmp_path: Path) -> None:
     node = start_node(series={"quiet_seconds": 3600})
     sources = transfer_syntax_files(tmp_path / "sources")
+    if have("ojph_compress"):
+        sources[HTJ2KLossless] = htj2k_file(tmp_path / "sources", tmp_path / "openjph")
     result = node.cli_send(tmp_path / "sources")
     assert result.returncode == 0, result.stderr
     assert f"sent {len(sources)} of {len(sources)} files" in result.stdout
     stored = stored_files(node.root)
-    for source in sources.values():
-        uid = pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID
-        assert dataset_part(stored[uid]) == dataset_part(source), f"{source.name} changed on the way"
+    for syntax, source in sources.items():
+        original = pydicom.dcmread(source)
+        copy = stored[original.SOPInstanceUID]
+        assert dataset_part(copy) == dataset_part(source), f"{source.name} changed on the way"
+        received = pydicom.dcmread(copy)
+        assert received.file_meta.TransferSyntaxUID == syntax
+        assert (received.pixel_array == original.pixel_array).all(), f"{source.name} pixels do not decode alike"
 
 
 @pytest.mark.parametrize("syntax_option", ["-xi", "-xe", "-xb"])
