@@ -65,12 +65,17 @@ def slice_loss(
     image_targets: torch.Tensor,
     exam_targets: torch.Tensor,
     reduction: Reduction = "mean",
+    image_weight: float = IMAGE_WEIGHT,
 ) -> torch.Tensor:
     """The stage-1 multi-label loss of a batch of slices (paper section 3.2): image [N], exam [N, 9].
 
     Each slice is scored on its own image label and on the exam labels of its study, with the RSNA weights:
-    (w * BCE_image + sum_j w_j * BCE_j) / (w + sum_j w_j), per slice.
+    (w * BCE_image + sum_j w_j * BCE_j) / (w + sum_j w_j), per slice. ``image_weight`` is w, the RSNA image weight
+    unless training asks for more: on a few hundred studies the exam labels of a slice can be learnt by recognising
+    the patient, and a larger w makes stage 1 learn what shows on the slice itself.
     """
+    if not image_weight > 0:
+        raise ValueError(f"slice_loss: image_weight {image_weight!r} must be > 0")
     if exam_logits.shape != (image_logits.shape[0], len(EXAM_LABELS)) or exam_targets.shape != exam_logits.shape:
         raise ValueError(
             f"slice_loss: exam logits {tuple(exam_logits.shape)} and targets {tuple(exam_targets.shape)} must "
@@ -86,7 +91,7 @@ def slice_loss(
     image_term = F.binary_cross_entropy_with_logits(
         image_logits, image_targets.to(image_logits.dtype), reduction="none"
     )
-    per_slice = (IMAGE_WEIGHT * image_term + (exam_term * exam_weights).sum(1)) / (IMAGE_WEIGHT + exam_weights.sum())
+    per_slice = (image_weight * image_term + (exam_term * exam_weights).sum(1)) / (image_weight + exam_weights.sum())
     return _reduce(per_slice, reduction)
 
 

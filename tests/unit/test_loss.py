@@ -139,6 +139,22 @@ def test_slice_loss_matches_the_plain_python_formula() -> None:
     assert got.tolist() == pytest.approx(expected, abs=1e-6)
 
 
+def test_slice_loss_image_weight_shifts_the_balance_towards_the_image_label() -> None:
+    image_logits, image_targets = torch.tensor([2.0, -1.0]), torch.tensor([0.0, 1.0])
+    exam_logits, exam_targets = torch.zeros(2, 9), torch.zeros(2, 9)
+    image_bce = torch.nn.functional.binary_cross_entropy_with_logits(image_logits, image_targets, reduction="none")
+    exam_bce = math.log(2.0)  # every exam logit is 0
+    for weight in (IMAGE_WEIGHT, 1.0, 5.0):
+        expected = (weight * image_bce + sum(EXAM_WEIGHTS) * exam_bce) / (weight + sum(EXAM_WEIGHTS))
+        got = slice_loss(image_logits, exam_logits, image_targets, exam_targets, reduction="none", image_weight=weight)
+        assert torch.allclose(got, expected)
+    default = slice_loss(image_logits, exam_logits, image_targets, exam_targets)
+    assert torch.equal(default, slice_loss(image_logits, exam_logits, image_targets, exam_targets,
+                                           image_weight=IMAGE_WEIGHT))
+    with pytest.raises(ValueError, match="image_weight 0.0 must be > 0"):
+        slice_loss(image_logits, exam_logits, image_targets, exam_targets, image_weight=0.0)
+
+
 def test_mismatched_shapes_are_refused_with_the_shapes_named() -> None:
     with pytest.raises(ValueError, match=r"image targets \(1, 4\) do not match logits \(1, 5\)"):
         rsna_loss(torch.zeros(1, 9), torch.zeros(1, 9), torch.zeros(1, 5), torch.zeros(1, 4))
