@@ -1,0 +1,156 @@
+"""The training pipeline end to end on tiny phantoms: prepare, stage 1, features, stage 2, evaluate, export, serve.
+
+A tiny backbone (timm's test EfficientNet) at 48 px keeps every step to seconds; the DDP test runs stage 1 under
+torchrun with two CPU processes on the gloo backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pe_node.model import Predictor, check, load_checkpoint
+from pe_node.pipeline.series import load_series
+from training.cli import main
+from training.rspect import read_rspect
+from training.state import load_state
+
+CONFIG = {
+    "seed": 0,
+    "preprocess": {"size": 48, "crop": "body"},
+    "data": {"val_fraction": 0.34, "split_seed": 1},
+    "model": {"backbone": "test_efficientnet", "lstm_hidden": 16, "dense_dim": 16, "attention_dim": 8},
+    "stage1": {"epochs": 4, "batch_size": 8, "lr": 0.003, "negatives_per_study": None, "sampling": "mixed"},
+    "stage2": {"epochs": 4, "batch_size": 2, "lr": 0.003},
+    "evaluate": {"cam_examples": 1, "tsne_perplexity": 2},
+}
+
+
+def _run(command: str, *arguments: str) -> None:
+    """``pe-train COMMAND ARGUMENTS`` in this process (without progress bars); it must succeed."""
+    quiet = [] if command == "export" else ["--quiet"]
+    assert main([command, *quiet, *arguments]) == 0
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, phantom_train_dir: Path, phantom_heldout_dir: Path) -> Path:
+    """Config, both caches, stage 1 and its features: the shared start of the tests below."""
+    root = tmp_path_factory.mktemp("training")
+    (root / "train.yaml").write_text(yaml.safe_dump(CONFIG))
+    config = str(root / "train.yaml")
+    _run("prepare", "--config", config, "--data", str(phantom_train_dir), "--cache", str(root / "cache"))
+    _run("prepare", "--config", config, "--data", str(phantom_heldout_dir), "--cache", str(root / "heldout"),
+         "--split-all", "test")
+    _run("stage1", "--config", config, "--cache", str(root / "cache"), "--out", str(root / "stage1"))
+    for cache in ("cache", "heldout"):
+        _run("features", "--config", config, "--stage1", str(root / "stage1/best.pt"), "--cache", str(root / cache),
+             "--out", str(root / f"features-{cache}"))
+    return root
+
+
+def _losses(run: Path) -> list[float]:
+    return [epoch["train_loss"] for epoch in json.loads((run / "metrics.json").read_text())["history"]]
+
+
+def test_stage1_loss_goes_down_and_the_run_folder_holds_what_resuming_needs(workspace: Path) -> None:
+    losses = _losses(workspace / "stage1")
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert sorted(p.name for p in (workspace / "stage1").iterdir()) == ["best.pt", "config.yaml", "last.pt",
+                                                                         "metrics.json"]
+    last = load_state(workspace / "stage1/last.pt", "stage1")
+    assert last.epoch == 4 and last.optimizer is not None and last.rng is not None
+    assert yaml.safe_load((workspace / "stage1/config.yaml").read_text())["model"]["backbone"] == "test_efficientnet"
+
+
+def test_features_are_the_served_encoders_embeddings_of_every_cached_study(workspace: Path) -> None:
+    index = json.loads((workspace / "features-heldout/index.json").read_text())
+    assert index["embedding_dim"] == 256
+    studies = sorted(p.name for p in (workspace / "features-heldout").glob("*.npy"))
+    assert len(studies) == 5
+
+
+def test_pipeline_trains_evaluates_and_exports_a_checkpoint_pe_node_serves(workspace: Path,
+                                                                          phantom_heldout_dir: Path) -> None:
+    config, root = str(workspace / "train.yaml"), workspace
+    _run("stage2", "--config", config, "--features", str(root / "features-cache"), "--out", str(root / "attention"))
+    _run("stage2", "--config", config, "--features", str(root / "features-cache"), "--out", str(root / "mean"),
+         "--pooling", "mean", "--epochs", "2")
+    losses = _losses(root / "attention")
+    assert losses[-1] < losses[0]
+    assert load_state(root / "mean/best.pt", "stage2").model_config["pooling"] == "mean"
+
+    _run("evaluate", "--config", config, "--features", str(root / "features-heldout"), "--stage1",
+         str(root / "stage1/best.pt"), "--stage2", str(root / "attention/best.pt"), "--baseline",
+         str(root / "mean/best.pt"), "--out", str(root / "report"))
+    files = {p.name for p in (root / "report").iterdir()}
+    assert {"report.md", "metrics.json", "roc_labels.png", "roc_models.png", "tsne.png", "cam_01.png"} <= files
+    metrics = json.loads((root / "report/metrics.json").read_text())
+    assert set(metrics["models"]) == {"full", "baseline_mean", "baseline_cnn"}
+    assert metrics["data"]["phantoms"] is True and metrics["studies"] == 5
+    assert all(m["consistency"]["studies_breaking_rules_after"] == 0 for m in metrics["models"].values())
+    report = (root / "report/report.md").read_text()
+    assert "What phantoms cannot tell about real data" in report and "Constant prediction" in report
+
+    _run("export", "--stage1", str(root / "stage1/best.pt"), "--stage2", str(root / "attention/best.pt"), "--out",
+         str(root / "pe-test.pt"), "--evaluation", str(root / "report/metrics.json"))
+    loaded = load_checkpoint(root / "pe-test.pt")
+    assert loaded.meta.weights_dtype == "float16" and loaded.preprocess.size == 48
+    provenance = loaded.meta.provenance
+    assert provenance["stage1"]["command"][:2] == ["pe-train", "stage1"]
+    assert provenance["evaluation"]["models"]["full"]["title"].startswith("Full model")
+    study = next(s for s in read_rspect(phantom_heldout_dir).values() if s.pe_present)
+    series = load_series(study.images[0].path.parent)
+    prediction = Predictor.from_checkpoint(root / "pe-test.pt", device="cpu").predict(series, cam_slices=1)
+    assert len(prediction.image) == len(series) and check(prediction.exam, prediction.image) == []
+
+
+def test_export_refuses_a_stage2_trained_on_another_stage1(workspace: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.pt"
+    state = load_state(workspace / "stage1/best.pt")
+    torch.save({**state.to_dict(), "epoch": 99}, other)
+    _run("stage2", "--config", str(workspace / "train.yaml"), "--features", str(workspace / "features-cache"),
+         "--out", str(tmp_path / "s2"), "--epochs", "1")
+    assert main(["export", "--stage1", str(other), "--stage2", str(tmp_path / "s2/best.pt"), "--out",
+                 str(tmp_path / "x.pt")]) == 1
+
+
+def test_resumed_stage2_ends_exactly_where_an_uninterrupted_run_ends(workspace: Path, tmp_path: Path) -> None:
+    config, features = str(workspace / "train.yaml"), str(workspace / "features-cache")
+    _run("stage2", "--config", config, "--features", features, "--out", str(tmp_path / "straight"), "--epochs", "3")
+    _run("stage2", "--config", config, "--features", features, "--out", str(tmp_path / "split"), "--epochs", "1")
+    _run("stage2", "--config", config, "--features", features, "--out", str(tmp_path / "split"), "--epochs", "3",
+         "--resume", "--set", "stage2.epochs=3")
+    straight, resumed = load_state(tmp_path / "straight/last.pt"), load_state(tmp_path / "split/last.pt")
+    assert resumed.epoch == 3 and [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert all(torch.equal(straight.weights[k], resumed.weights[k]) for k in straight.weights)
+    assert [h["train_loss"] for h in straight.history] == [h["train_loss"] for h in resumed.history]
+
+
+def test_stage1_trains_on_two_processes_under_torchrun_and_only_rank_0_writes(workspace: Path,
+                                                                            tmp_path: Path) -> None:
+    run, logs = tmp_path / "ddp", tmp_path / "logs"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir", str(logs),
+        "--redirects", "3", "-m", "training.cli", "stage1", "--quiet", "--config", str(workspace / "train.yaml"),
+        "--cache", str(workspace / "cache"), "--out", str(run), "--epochs", "1", "--device", "cpu", "--threads", "1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.json"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["inputs"]["world_size"] == 2
+    batches = metrics["batches_per_process"]
+    assert len(batches) == 2 and batches[0] == batches[1] > 0
+    stderr = {path.parent.name: path.read_text() for path in logs.rglob("stderr.log")}
+    assert set(stderr) == {"0", "1"}
+    for rank, text in stderr.items():
+        assert f"rank {rank} trained {batches[0]} batches" in text
+    assert "wrote" in stderr["0"] and "wrote" not in stderr["1"]

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Make the demo weights models/pe-demo.pt from synthetic CTPA phantoms: every step of the model card, timed.
+#
+#   training/demo.sh [WORK]        (WORK: where data, caches, runs and the report go; default runs/demo)
+#
+# About an hour on two CPU cores; a CUDA GPU is used when present (device: auto). The same commands train on the
+# real RSNA-STR data set: point `prepare --data` at it instead of the phantoms and raise the sizes in the config.
+set -euo pipefail
+
+WORK=${1:-runs/demo}
+CONFIG=${CONFIG:-training/configs/demo.yaml}
+OUT=${OUT:-models/pe-demo.pt}
+PE_TRAIN=${PE_TRAIN:-pe-train}
+mkdir -p "$WORK"
+TIMES="$WORK/timings.txt"
+: >"$TIMES"
+
+step() {
+    local name=$1
+    shift
+    local start=$SECONDS
+    echo "== $name: $*" >&2
+    "$@"
+    echo "$name $((SECONDS - start)) s" | tee -a "$TIMES" >&2
+}
+
+step phantoms-train "$PE_TRAIN" phantoms --out "$WORK/phantoms-train" --studies 600 --seed 0 --size 256 \
+    --slices 60-120 --workers 2 --quiet
+step phantoms-test "$PE_TRAIN" phantoms --out "$WORK/phantoms-test" --studies 80 --seed 1 --size 256 \
+    --slices 60-120 --workers 2 --quiet
+step prepare-train "$PE_TRAIN" prepare --config "$CONFIG" --data "$WORK/phantoms-train" --cache "$WORK/cache-train"
+step prepare-test "$PE_TRAIN" prepare --config "$CONFIG" --data "$WORK/phantoms-test" --cache "$WORK/cache-test" \
+    --split-all test
+step stage1 "$PE_TRAIN" stage1 --config "$CONFIG" --cache "$WORK/cache-train" --out "$WORK/stage1"
+step features-train "$PE_TRAIN" features --config "$CONFIG" --stage1 "$WORK/stage1/best.pt" \
+    --cache "$WORK/cache-train" --out "$WORK/features-train"
+step features-test "$PE_TRAIN" features --config "$CONFIG" --stage1 "$WORK/stage1/best.pt" \
+    --cache "$WORK/cache-test" --out "$WORK/features-test"
+step stage2-attention "$PE_TRAIN" stage2 --config "$CONFIG" --features "$WORK/features-train" \
+    --out "$WORK/stage2-attention"
+step stage2-mean "$PE_TRAIN" stage2 --config "$CONFIG" --features "$WORK/features-train" --out "$WORK/stage2-mean" \
+    --pooling mean
+step evaluate "$PE_TRAIN" evaluate --config "$CONFIG" --features "$WORK/features-test" \
+    --stage1 "$WORK/stage1/best.pt" --stage2 "$WORK/stage2-attention/best.pt" \
+    --baseline "$WORK/stage2-mean/best.pt" --out "$WORK/report"
+step export "$PE_TRAIN" export --stage1 "$WORK/stage1/best.pt" --stage2 "$WORK/stage2-attention/best.pt" \
+    --out "$OUT" --evaluation "$WORK/report/metrics.json" \
+    --description "pe-node demo weights: trained on synthetic CTPA phantoms (training/demo.sh); for demonstration only, not for clinical use"
+echo "total $SECONDS s" | tee -a "$TIMES" >&2

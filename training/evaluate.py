@@ -1,0 +1,248 @@
+"""``pe-train evaluate``: the trained model and the paper's two baselines on one split, scored the same way.
+
+The three models (paper section 4) all read the same stage-1 embeddings of the evaluated studies:
+
+- **full model**: the attention CNN-LSTM (stage 1 + stage 2 with attention MIL pooling);
+- **baseline 2**: the CNN-LSTM without attention (stage 2 trained with mean pooling on the same embeddings);
+- **baseline 1**: the CNN alone: stage 1's heads on each slice; the study's exam labels are those of the slice with
+  the highest image probability, and its PE score is that maximum ("the prediction with maximum confidence").
+
+Every model's probabilities go through ``pe_node.model.make_consistent`` (as served), and the report counts how
+many studies broke the RSNA rules before. Scores: per-label AUC (nine exam labels and the image level), the study
+PE AUC (the study head's ``pe_score``; baseline 1: the highest image probability), the RSNA weighted log loss next to
+the constant-prediction baseline (training prevalences, from the stage-2 checkpoint), and accuracy at 0.5.
+Figures and the markdown summary are drawn by ``training.figures`` and ``training.report``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import torch
+from tqdm import tqdm
+
+from pe_node.findings import EXAM_LABELS, IMAGE_LABEL
+from pe_node.model import PEModel, Predictor, PreprocessConfig, check, make_consistent
+from pe_node.model.checkpoint import file_sha256
+from pe_node.pipeline.series import load_series
+from training.cache import CachedStudy
+from training.config import EvaluateConfig
+from training.ctimage import MANUFACTURER
+from training.features import FeatureSet
+from training.figures import CamExample, draw_cam, draw_roc_labels, draw_roc_models, draw_tsne
+from training.metrics import accuracy, auc, constant_predictions, pe_score, rsna_log_loss
+from training.report import write_report
+from training.rspect import RSPECTError, RSPECTStudy, read_rspect
+from training.state import TrainState, build_model, load_state, write_json
+
+logger = logging.getLogger(__name__)
+
+FULL, BASELINE_MEAN, BASELINE_CNN = "full", "baseline_mean", "baseline_cnn"
+TITLES = {
+    FULL: "Full model: attention CNN-LSTM",
+    BASELINE_MEAN: "Baseline 2: CNN-LSTM without attention",
+    BASELINE_CNN: "Baseline 1: CNN only (study = max over slices)",
+}
+MIN_STUDIES = 4
+"""The fewest studies an evaluation accepts (t-SNE needs a few points, AUCs need both classes)."""
+
+
+@dataclass
+class Predictions:
+    """One model's outputs on the evaluated studies, raw and label-consistent, in study order."""
+
+    exam_raw: np.ndarray
+    image_raw: list[np.ndarray]
+    exam: np.ndarray
+    image: list[np.ndarray]
+    pe: np.ndarray
+    violations: int
+    study_features: np.ndarray | None = None
+    attention: list[np.ndarray] | None = None
+
+
+def evaluate(
+    features: FeatureSet,
+    stage1: Path,
+    stage2: Path,
+    baseline: Path | None,
+    out: Path,
+    config: EvaluateConfig,
+    split: str = "test",
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate on ``split`` of the features' cache; write metrics.json, report.md and the figures to ``out``."""
+    studies = features.split(split)
+    if len(studies) < MIN_STUDIES:
+        raise ValueError(f"evaluate: split {split!r} of {features.cache.root} has {len(studies)} studies; "
+                         f"at least {MIN_STUDIES} are needed")
+    stage1_state = load_state(stage1, "stage1")
+    features.check_stage1(file_sha256(stage1), f"stage-1 checkpoint {stage1}")
+    states = {FULL: load_state(stage2, "stage2")}
+    if baseline is not None:
+        states[BASELINE_MEAN] = load_state(baseline, "stage2")
+    for name, state in states.items():
+        features.check_stage1(state.inputs["stage1_sha256"], f"{TITLES[name]} ({state.inputs.get('features')})")
+    predictions = {name: predict_sequence(features, studies, stage1_state, state, device, progress)
+                   for name, state in states.items()}
+    predictions[BASELINE_CNN] = predict_cnn(features, studies, stage1_state)
+    prior = states[FULL].extra["label_prior"]
+    exam_y = np.stack([s.exam for s in studies])
+    image_y = [s.image.astype(np.float64) for s in studies]
+    constant_exam, constant_image = constant_predictions(np.array(prior["exam"]), prior["image"],
+                                                         [s.slices for s in studies])
+    out.mkdir(parents=True, exist_ok=True)
+    source = _source(features, needed=config.cam_examples > 0)
+    phantoms = _is_phantom(source, studies)
+    metrics: dict[str, Any] = {
+        "split": split,
+        "studies": len(studies),
+        "data": {**features.cache.describe(), "phantoms": phantoms},
+        "checkpoints": {"stage1": str(stage1), "stage2": str(stage2), "baseline": str(baseline) if baseline else None},
+        "constant_baseline": {"rsna_log_loss": rsna_log_loss(constant_exam, exam_y, constant_image, image_y),
+                              "exam_prior": prior["exam"], "image_prior": prior["image"]},
+        "models": {name: {"title": TITLES[name], **score(p, studies)} for name, p in predictions.items()},
+    }
+    figures = [
+        draw_roc_labels(out / "roc_labels.png", predictions[FULL], studies, TITLES[FULL]),
+        draw_roc_models(out / "roc_models.png", {TITLES[n]: p.pe for n, p in predictions.items()},
+                        [s.exam_class == "positive" for s in studies]),
+        draw_tsne(out / "tsne.png", predictions[FULL].study_features, [s.exam_class for s in studies],
+                  config.tsne_perplexity, seed),
+    ]
+    if source is not None:
+        figures += draw_cams(out, source, studies, build_model(stage1_state, states[FULL]),
+                             features.cache.preprocess, predictions[FULL], config.cam_examples, device)
+    metrics["figures"] = [path.name for path in figures]
+    write_json(out / "metrics.json", metrics)
+    write_report(out / "report.md", metrics)
+    logger.info("evaluation of %d studies written to %s", len(studies), out)
+    return metrics
+
+
+def predict_sequence(features: FeatureSet, studies: list[CachedStudy], stage1: TrainState, stage2: TrainState,
+                     device: torch.device | str, progress: bool) -> Predictions:
+    """Stage 2 on every study's embeddings, one study at a time."""
+    sequence = build_model(stage1, stage2).sequence.to(device)
+    exam_raw, image_raw, study_features, attention = [], [], [], []
+    with torch.inference_mode():
+        for study in tqdm(studies, desc="stage 2", unit="study", disable=not progress):
+            embeddings = torch.from_numpy(np.array(features.embeddings(study), dtype=np.float32)).to(device)
+            output = sequence(embeddings[None])
+            exam_raw.append(torch.sigmoid(output.exam[0]).cpu().double().numpy())
+            image_raw.append(torch.sigmoid(output.image[0]).cpu().double().numpy())
+            study_features.append(output.study[0].cpu().numpy())
+            attention.append(output.attention[0].cpu().numpy())
+    predictions = _consistent(np.stack(exam_raw), image_raw)
+    predictions.study_features = np.stack(study_features)
+    predictions.attention = attention
+    predictions.pe = pe_score(predictions.exam)
+    return predictions
+
+
+def predict_cnn(features: FeatureSet, studies: list[CachedStudy], stage1: TrainState) -> Predictions:
+    """Baseline 1: stage 1's heads on each slice embedding; exam labels from the slice of highest image
+    probability, and the study PE score is that probability."""
+    encoder = build_model(stage1).encoder
+    exam_raw, image_raw = [], []
+    with torch.inference_mode():
+        for study in studies:
+            embeddings = torch.from_numpy(np.array(features.embeddings(study), dtype=np.float32))
+            image_logits, exam_logits = encoder.forward_head(embeddings)
+            image = torch.sigmoid(image_logits).double().numpy()
+            exam_raw.append(torch.sigmoid(exam_logits[int(np.argmax(image))]).double().numpy())
+            image_raw.append(image)
+    predictions = _consistent(np.stack(exam_raw), image_raw)
+    predictions.pe = np.array([float(image.max()) for image in predictions.image])
+    return predictions
+
+
+def _consistent(exam_raw: np.ndarray, image_raw: list[np.ndarray]) -> Predictions:
+    violations = 0
+    exam, image = [], []
+    for p, images in zip(exam_raw, image_raw, strict=True):
+        violations += bool(check(p, images))
+        fixed = make_consistent(p, images)
+        exam.append(fixed.exam)
+        image.append(fixed.image)
+    return Predictions(exam_raw=exam_raw, image_raw=image_raw, exam=np.stack(exam), image=image,
+                       pe=np.zeros(len(exam)), violations=violations)
+
+
+def score(predictions: Predictions, studies: list[CachedStudy]) -> dict[str, Any]:
+    """The numbers of one model: AUCs, losses, accuracies and the consistency check."""
+    exam_y = np.stack([s.exam for s in studies])
+    image_y = [s.image.astype(np.float64) for s in studies]
+    all_images_y, all_images_p = np.concatenate(image_y), np.concatenate(predictions.image)
+    positive = np.array([s.exam_class == "positive" for s in studies])
+    aucs = {label: auc(exam_y[:, j], predictions.exam[:, j]) for j, label in enumerate(EXAM_LABELS)}
+    aucs[IMAGE_LABEL] = auc(all_images_y, all_images_p)
+    accuracies = {label: accuracy(exam_y[:, j], predictions.exam[:, j]) for j, label in enumerate(EXAM_LABELS)}
+    accuracies[IMAGE_LABEL] = accuracy(all_images_y, all_images_p)
+    remaining = sum(bool(check(e, i)) for e, i in zip(predictions.exam, predictions.image, strict=True))
+    return {
+        "study_pe_auc": auc(positive, predictions.pe),
+        "study_pe_accuracy": accuracy(positive, predictions.pe),
+        "rsna_log_loss": rsna_log_loss(predictions.exam, exam_y, predictions.image, image_y),
+        "rsna_log_loss_raw": rsna_log_loss(predictions.exam_raw, exam_y, predictions.image_raw, image_y),
+        "auc": aucs,
+        "accuracy": accuracies,
+        "mean_label_accuracy": float(np.mean([accuracies[label] for label in EXAM_LABELS])),
+        "consistency": {"studies_breaking_rules_before": predictions.violations,
+                        "studies_breaking_rules_after": remaining, "studies": len(studies)},
+    }
+
+
+def draw_cams(out: Path, source: dict[str, RSPECTStudy], studies: list[CachedStudy], model: PEModel,
+              preprocess: PreprocessConfig, predictions: Predictions, count: int,
+              device: torch.device | str) -> list[Path]:
+    """CAMs of the full model on the most probable true PE slice of up to ``count`` positive studies, through the
+    serving code path (``Predictor.cams`` on the series read from the source DICOM files)."""
+    positives = [i for i, s in enumerate(studies) if s.exam_class == "positive"][:count]
+    if not positives:
+        return []
+    predictor = Predictor(model, preprocess, device=device)
+    paths = []
+    for number, i in enumerate(positives, start=1):
+        study = studies[i]
+        truth = np.flatnonzero(study.image)
+        k = int(truth[np.argmax(predictions.image[i][truth])])
+        series = load_series([image.path for image in source[study.study_instance_uid].images])
+        if series.sop_instance_uids[k] != study.sop_instance_uids[k]:
+            raise ValueError(f"study {study.study_instance_uid}: the source series is not the one cached")
+        attention = predictions.attention[i] if predictions.attention is not None else np.zeros(study.slices)
+        example = CamExample(
+            study=study.study_instance_uid, slice_index=k, slices=study.slices, hu=series.hu[k],
+            cam=predictor.cams(series.hu, [k])[k], image_probability=float(predictions.image[i][k]),
+            pe_probability=float(predictions.pe[i]), attention_rank=int((attention > attention[k]).sum()) + 1,
+        )
+        paths.append(draw_cam(out / f"cam_{number:02d}.png", example))
+    return paths
+
+
+def _source(features: FeatureSet, needed: bool) -> dict[str, RSPECTStudy] | None:
+    """The RSPECT listing of the cache's source folder (for the CAMs' DICOM files); ``None`` if it is gone and
+    not ``needed``."""
+    try:
+        return read_rspect(features.cache.source, check_files=False)
+    except (FileNotFoundError, RSPECTError) as error:
+        if needed:
+            raise ValueError(f"evaluate: the CAM examples need the source data set {features.cache.source} "
+                             f"({error}); set evaluate.cam_examples=0 to go without") from None
+        logger.warning("source data set %s cannot be read (%s)", features.cache.source, error)
+        return None
+
+
+def _is_phantom(source: dict[str, RSPECTStudy] | None, studies: list[CachedStudy]) -> bool:
+    """Whether the evaluated data are this project's synthetic phantoms (their DICOM Manufacturer says so)."""
+    if source is None:
+        return False
+    first = source[studies[0].study_instance_uid].images[0].path
+    return str(pydicom.dcmread(first, stop_before_pixels=True).get("Manufacturer", "")) == MANUFACTURER

@@ -1,0 +1,192 @@
+"""The epoch loop both stages share (paper section 3.2: Adam, the RSNA loss, the model of lowest validation loss).
+
+``Optimization`` is Adam with a per-epoch learning-rate schedule, gradient clipping and, on CUDA only, autocast
+(bf16 where the GPU has it, else fp16 with a gradient scaler); on the CPU training stays in float32. ``fit`` runs
+the epochs: train, validate, keep ``last.pt`` every epoch and ``best.pt`` when the validation loss improves, and
+write ``config.yaml`` and ``metrics.json`` beside them. With ``resume`` it restores the weights, optimizer, scaler,
+epoch (and so the learning-rate schedule, a function of the epoch), best loss, history and RNG state from
+``last.pt`` and goes on from the next epoch: the run ends exactly where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.config import OptimConfig, TrainConfig, save_train_config
+from training.distributed import Processes
+from training.state import StateError, TrainState, load_state, save_state, write_json
+
+logger = logging.getLogger(__name__)
+
+TrainEpoch = Callable[[int], tuple[float, dict[str, Any]]]
+"""Trains one epoch (1-based); returns its mean training loss over all processes and values for the run's metrics
+(such as the batches each process trained)."""
+Validate = Callable[[], dict[str, float | None]]
+"""Returns ``val_loss`` and any other validation numbers, the same on every process."""
+
+
+class Optimization:
+    """Adam, the schedule, clipping and mixed precision of one stage."""
+
+    def __init__(self, parameters: Iterable[nn.Parameter], config: OptimConfig, device: torch.device):
+        self.parameters = [p for p in parameters if p.requires_grad]
+        self.config = config
+        self.optimizer = torch.optim.Adam(self.parameters, lr=config.lr, weight_decay=config.weight_decay)
+        self.amp_dtype: torch.dtype | None = None
+        if device.type == "cuda" and config.amp:
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for the forward pass on CUDA; nothing on the CPU."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def step(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss`` and take one optimizer step (with scaling and clipping as configured)."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {float(loss)}; lower the learning rate")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.config.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.parameters, self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def start_epoch(self, epoch: int) -> float:
+        """Set and return the learning rate of ``epoch`` (1-based), a function of the epoch and the config alone:
+        cosine from ``lr`` towards 0 over ``epochs``, a step decay by ``gamma`` every ``step_epochs``, or constant.
+        A resumed run therefore needs no scheduler state, and extending ``epochs`` stretches the schedule."""
+        config = self.config
+        if config.schedule == "cosine":
+            factor = 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / config.epochs))
+        elif config.schedule == "step":
+            factor = config.gamma ** ((epoch - 1) // config.step_epochs)
+        else:
+            factor = 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = config.lr * factor
+        return config.lr * factor
+
+    def state_dicts(self) -> dict[str, dict[str, Any]]:
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dicts(self, state: TrainState) -> None:
+        if state.optimizer is not None:
+            self.optimizer.load_state_dict(state.optimizer)
+        if state.scaler:
+            self.scaler.load_state_dict(state.scaler)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any] | None) -> None:
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fit(
+    run: Path,
+    state: TrainState,
+    module: nn.Module,
+    optimization: Optimization,
+    train_epoch: TrainEpoch,
+    validate: Validate,
+    config: TrainConfig,
+    processes: Processes,
+    resume: bool = False,
+) -> TrainState:
+    """Train ``module`` (the unwrapped stage whose weights are saved) for the configured epochs; returns the state
+    after the last epoch. ``state`` describes the run (stage, model, preprocessing, inputs, extra)."""
+    epochs = optimization.config.epochs
+    if resume:
+        state = _resume(run, state, module, optimization)
+    if processes.is_main:
+        save_train_config(config, run / "config.yaml")
+    for epoch in range(state.epoch + 1, epochs + 1):
+        started = time.monotonic()
+        lr = optimization.start_epoch(epoch)
+        train_loss, extra = train_epoch(epoch)
+        state.extra.update(extra)
+        validation = validate()
+        val_loss = validation.get("val_loss")
+        if val_loss is None or not math.isfinite(val_loss):
+            raise FloatingPointError(f"{state.stage} epoch {epoch}: validation loss is {val_loss}")
+        record = {"epoch": epoch, "lr": lr, "train_loss": float(train_loss),
+                  **{key: None if value is None else float(value) for key, value in validation.items()},
+                  "seconds": round(time.monotonic() - started, 1)}
+        state.history.append(record)
+        improved = val_loss < state.best_val_loss
+        if improved:
+            state.best_val_loss, state.best_epoch = val_loss, epoch
+        state.epoch = epoch
+        state.weights = {name: t.detach().cpu().clone() for name, t in module.state_dict().items()}
+        dicts = optimization.state_dicts()
+        state.optimizer, state.scaler = dicts["optimizer"], dicts["scaler"]
+        state.rng = rng_state()
+        if processes.is_main:
+            _save(run, state, improved)
+            logger.info("%s epoch %d/%d: %s%s", state.stage, epoch, epochs,
+                        ", ".join(f"{k} {_short(v)}" for k, v in record.items() if k != "epoch"),
+                        " (best)" if improved else "")
+        processes.barrier()
+    return state
+
+
+def _resume(run: Path, state: TrainState, module: nn.Module, optimization: Optimization) -> TrainState:
+    last = load_state(run / "last.pt", state.stage)
+    for key in ("model_name", "model_config", "preprocess"):
+        if getattr(last, key) != getattr(state, key):
+            raise StateError(
+                f"cannot resume {run / 'last.pt'}: its {key} {getattr(last, key)!r} differs from this run's "
+                f"{getattr(state, key)!r}"
+            )
+    module.load_state_dict(last.weights)
+    optimization.load_state_dicts(last)
+    restore_rng(last.rng)
+    logger.info("resuming %s from %s after epoch %d (best val loss %.4f at epoch %d)", state.stage,
+                run / "last.pt", last.epoch, last.best_val_loss, last.best_epoch)
+    last.config, last.inputs, last.extra = state.config, {**last.inputs, **state.inputs}, {**last.extra, **state.extra}
+    return last
+
+
+def _save(run: Path, state: TrainState, improved: bool) -> None:
+    save_state(run / "last.pt", state)
+    if improved:
+        best = TrainState(**{**state.__dict__, "optimizer": None, "scaler": None, "rng": None})
+        save_state(run / "best.pt", best)
+    logger.info("wrote %s%s", run / "last.pt", f" and {run / 'best.pt'}" if improved else "")
+    write_json(run / "metrics.json", {
+        "stage": state.stage,
+        "epochs": state.epoch,
+        "best_epoch": state.best_epoch,
+        "best_val_loss": state.best_val_loss,
+        "history": state.history,
+        "inputs": state.inputs,
+        **state.extra,
+    })
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)

@@ -1,0 +1,94 @@
+"""The evaluation numbers: AUC, the RSNA competition's weighted log loss, accuracy at 0.5, and the study PE score.
+
+``rsna_log_loss`` is the RSNA-STR PE challenge metric over a whole set of studies: every exam label j of study i
+weighs w_j, every image k of study i weighs w q_i (q_i the study's share of positive images), and the loss is the
+weighted sum of binary log losses divided by the sum of the weights over the whole set. For a single study it equals
+L_i of the paper and of ``pe_node.model.rsna_loss``; over several studies it weighs studies by their weights, as
+the competition did, rather than averaging L_i.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from pe_node.findings import EXAM_LABELS, EXAM_WEIGHTS, IMAGE_WEIGHT, ExamLabel
+
+EPS = 1e-15
+"""Probabilities are clipped to [EPS, 1 - EPS] before the logarithm, as scikit-learn's log_loss did."""
+_NEGATIVE = EXAM_LABELS.index(ExamLabel.NEGATIVE.value)
+_INDETERMINATE = EXAM_LABELS.index(ExamLabel.INDETERMINATE.value)
+
+
+def auc(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float | None:
+    """Area under the ROC curve; ``None`` when the labels hold only one class (the AUC is undefined)."""
+    labels = np.asarray(labels, dtype=np.float64).reshape(-1)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if labels.shape != scores.shape:
+        raise ValueError(f"auc: {labels.size} labels but {scores.size} scores")
+    if len(np.unique(labels)) < 2:
+        return None
+    return float(roc_auc_score(labels, scores))
+
+
+def accuracy(labels: Sequence[float] | np.ndarray, probabilities: Sequence[float] | np.ndarray,
+             threshold: float = 0.5) -> float:
+    """Share of predictions on the right side of ``threshold`` (a probability > threshold predicts 1)."""
+    labels = np.asarray(labels, dtype=np.float64).reshape(-1)
+    predicted = np.asarray(probabilities, dtype=np.float64).reshape(-1) > threshold
+    if labels.shape != predicted.shape or labels.size == 0:
+        raise ValueError(f"accuracy: {labels.size} labels and {predicted.size} predictions (need equal, > 0)")
+    return float(np.mean(predicted == (labels > 0.5)))
+
+
+def _log_loss_terms(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    p = np.clip(probabilities.astype(np.float64), EPS, 1.0 - EPS)
+    return -(labels * np.log(p) + (1.0 - labels) * np.log(1.0 - p))
+
+
+def rsna_log_loss(
+    exam_probabilities: np.ndarray,
+    exam_labels: np.ndarray,
+    image_probabilities: Sequence[np.ndarray],
+    image_labels: Sequence[np.ndarray],
+) -> float:
+    """The RSNA-STR PE challenge's weighted log loss of a set of studies: exam [N, 9], images one array per study."""
+    exam_p = np.asarray(exam_probabilities, dtype=np.float64)
+    exam_y = np.asarray(exam_labels, dtype=np.float64)
+    if exam_p.ndim != 2 or exam_p.shape[1] != len(EXAM_LABELS) or exam_p.shape != exam_y.shape:
+        raise ValueError(f"rsna_log_loss: exam probabilities {exam_p.shape} and labels {exam_y.shape} must be [N, 9]")
+    if len(image_probabilities) != len(exam_p) or len(image_labels) != len(exam_p):
+        raise ValueError(f"rsna_log_loss: {len(exam_p)} studies but {len(image_probabilities)} image probability "
+                         f"arrays and {len(image_labels)} image label arrays")
+    weights = np.asarray(EXAM_WEIGHTS)
+    total = float((_log_loss_terms(exam_y, exam_p) * weights).sum())
+    weight = float(weights.sum()) * len(exam_p)
+    for p, y in zip(image_probabilities, image_labels, strict=True):
+        p, y = np.asarray(p, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        if p.shape != y.shape or p.size == 0:
+            raise ValueError(f"rsna_log_loss: a study has {p.size} image probabilities and {y.size} labels")
+        share = float(y.mean())
+        total += IMAGE_WEIGHT * share * float(_log_loss_terms(y, p).sum())
+        weight += IMAGE_WEIGHT * share * len(y)
+    return total / weight
+
+
+def constant_predictions(
+    exam_prior: np.ndarray, image_prior: float, slices: Sequence[int]
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The constant-prediction baseline: every study gets the training prevalence of each exam label and every
+    image the training share of positive images. Returns exam [N, 9] and one image array per study."""
+    prior = np.asarray(exam_prior, dtype=np.float64)
+    if prior.shape != (len(EXAM_LABELS),):
+        raise ValueError(f"constant_predictions: exam prior of shape {prior.shape}, expected (9,)")
+    exam = np.tile(prior, (len(slices), 1))
+    return exam, [np.full(n, float(image_prior)) for n in slices]
+
+
+def pe_score(exam_probabilities: np.ndarray) -> np.ndarray:
+    """The study head's probability that a study shows PE: neither negative nor indeterminate,
+    (1 - p(negative_exam_for_pe)) (1 - p(indeterminate)). Works on [9] or [N, 9]."""
+    exam = np.asarray(exam_probabilities, dtype=np.float64)
+    return (1.0 - exam[..., _NEGATIVE]) * (1.0 - exam[..., _INDETERMINATE])

@@ -1,0 +1,104 @@
+"""The evaluation's markdown summary: the numbers of ``metrics.json`` as tables, the figures, and what they mean.
+
+The text about phantoms is included when the evaluated data are the project's synthetic phantoms: numbers on
+phantoms say that the pipeline works, not how the model would do on patients.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pe_node.findings import EXAM_LABELS, IMAGE_LABEL
+
+PHANTOM_CAVEATS = """\
+## What phantoms cannot tell about real data
+
+These studies are synthetic CTPA phantoms made by `pe-train phantoms`, scored by a model trained on phantoms from
+the same generator (another seed). The numbers show that the pipeline learns what the generator draws; they say
+nothing about patients:
+
+- **One generator, no domain shift.** Training and test phantoms share the anatomy model, the lesion model, the
+  noise and the contrast model. Real data vary by scanner, kernel, dose, slice thickness, bolus timing, body habitus
+  and disease; the paper's own model scored a study PE AUC of 0.82 on RSPECT validation studies and 0.95 on another
+  hospital's test set: the number depends on the data as much as on the model.
+- **Idealised emboli.** Phantom clots are clean low-attenuation defects (20-70 HU) in well-defined tubes. Real
+  emboli are partial, in-plane, beside mixing artefacts, lymph nodes, partial-volume effects and streaks from dense
+  contrast in the superior vena cava, and radiologists disagree on small ones.
+- **Labels are exact.** Phantom labels come from what was drawn; RSPECT's come from readers, with their errors and
+  disagreements.
+- **Few studies.** A test set of tens of studies gives AUCs with wide confidence intervals (a few studies decide
+  each rare label), and rare labels (chronic, acute-and-chronic, indeterminate) may be absent.
+- **RV/LV and chronicity** are drawn from simple rules (a heart with a ratio, narrowed arteries); their AUCs here do
+  not transfer.
+
+Real use means training on the RSNA-STR RSPECT data set with the same commands and evaluating on data from other
+sites. These weights are for demonstration only and not for clinical use.
+"""
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def write_report(path: Path, metrics: dict[str, Any]) -> Path:
+    """Write the markdown summary of an evaluation's ``metrics`` (as in metrics.json)."""
+    models = metrics["models"]
+    split = metrics["data"]["splits"].get(metrics["split"], {})
+    lines = [
+        "# Evaluation report",
+        "",
+        f"{metrics['studies']} studies of split `{metrics['split']}` from `{metrics['data']['source']}`: "
+        f"{split.get('negative', 0)} negative, {split.get('positive', 0)} positive, "
+        f"{split.get('indeterminate', 0)} indeterminate; {split.get('slices', 0)} slices, "
+        f"{split.get('positive_slices', 0)} with PE."
+        + (" The data are synthetic phantoms." if metrics["data"]["phantoms"] else ""),
+        "",
+        "## Models",
+        "",
+        "| model | study PE AUC | RSNA weighted log loss | study PE accuracy | mean exam-label accuracy "
+        "| image accuracy | studies breaking the label rules (before fix) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for result in models.values():
+        consistency = result["consistency"]
+        lines.append(
+            f"| {result['title']} | {_number(result['study_pe_auc'])} | {_number(result['rsna_log_loss'], 4)} "
+            f"| {_number(result['study_pe_accuracy'])} | {_number(result['mean_label_accuracy'])} "
+            f"| {_number(result['accuracy'][IMAGE_LABEL])} "
+            f"| {consistency['studies_breaking_rules_before']} of {consistency['studies']} |"
+        )
+    constant = metrics["constant_baseline"]["rsna_log_loss"]
+    lines += [
+        f"| Constant prediction (training prevalences) | 0.5 by definition | {_number(constant, 4)} | | | | |",
+        "",
+        "The study PE score is the study head's (1 - p(negative)) (1 - p(indeterminate)) for the two CNN-LSTMs and "
+        "the highest image probability for the CNN alone. The RSNA weighted log loss is the competition metric over "
+        "the whole set, on the label-consistent outputs (every model's outputs pass the RSNA checker after "
+        "`make_consistent`: "
+        + ", ".join(f"{r['consistency']['studies_breaking_rules_after']} left" for r in models.values())
+        + "). Accuracy is at a threshold of 0.5.",
+        "",
+        "## AUC per label",
+        "",
+        "| label | " + " | ".join(r["title"] for r in models.values()) + " |",
+        "|---|" + "---|" * len(models),
+    ]
+    for label in (*EXAM_LABELS, IMAGE_LABEL):
+        lines.append(f"| {label} | " + " | ".join(_number(r["auc"][label]) for r in models.values()) + " |")
+    lines += [
+        "",
+        "n/a: the label has only one class among these studies.",
+        "",
+        "## Accuracy per label (threshold 0.5)",
+        "",
+        "| label | " + " | ".join(r["title"] for r in models.values()) + " |",
+        "|---|" + "---|" * len(models),
+    ]
+    for label in (*EXAM_LABELS, IMAGE_LABEL):
+        lines.append(f"| {label} | " + " | ".join(_number(r["accuracy"][label]) for r in models.values()) + " |")
+    lines += ["", "## Figures", ""]
+    lines += [f"![{name}]({name})" for name in metrics["figures"]]
+    lines += ["", PHANTOM_CAVEATS if metrics["data"]["phantoms"] else ""]
+    path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,163 @@
+"""Stage 1: the slice encoder trained on cached slices, per slice and multi-label (paper sections 2.2 and 3.2).
+
+Each slice's targets are its own ``pe_present_on_image`` and the nine exam labels of its study, scored with
+``pe_node.model.slice_loss``. The encoder is the ``SliceEncoder`` of the configured ``pe_node`` model, so the
+weights load straight into the served model. The validation loss (over every slice of the validation studies, or
+their positives and a fixed subset of negatives) selects ``best.pt``; the image-level AUC and the study-level AUC of the CNN alone (a study's highest image probability,
+the paper's baseline 1) are logged beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pe_node.model import SliceEncoder, create_model, slice_loss
+from training.augment import augment
+from training.backbone import load_backbone_weights
+from training.cache import Cache, CachedStudy, to_input
+from training.config import TrainConfig, TrainConfigError
+from training.data import SliceBatches, epoch_batches
+from training.distributed import Processes, shard
+from training.loop import Optimization, fit
+from training.metrics import auc
+from training.state import TrainState
+
+logger = logging.getLogger(__name__)
+
+_VAL_STEP = 64
+"""Validation slices per forward pass."""
+
+
+def check_preprocess(config: TrainConfig, cache: Cache) -> None:
+    """The config's preprocessing must be the one the cache was made with (else the model card would lie)."""
+    wanted = config.preprocess.to_preprocess()
+    if wanted != cache.preprocess:
+        raise TrainConfigError(
+            f"preprocess: the config asks for size {wanted.size}, crop {wanted.crop.value}, but cache {cache.root} "
+            f"was prepared with size {cache.preprocess.size}, crop {cache.preprocess.crop.value}"
+        )
+
+
+def train_stage1(
+    config: TrainConfig,
+    cache: Cache,
+    run: Path,
+    processes: Processes,
+    resume: bool = False,
+    command: list[str] | None = None,
+    progress: bool = True,
+) -> TrainState:
+    """Train stage 1 on the cache's train split, select on its val split; write ``run/{best,last}.pt``."""
+    check_preprocess(config, cache)
+    train, val = cache.split("train"), cache.split("val")
+    if not train or not val:
+        raise TrainConfigError(
+            f"stage 1 needs train and val studies; cache {cache.root} has {len(train)} and {len(val)} "
+            "(prepare it with data.val_fraction > 0)"
+        )
+    torch.manual_seed(config.seed)
+    model = create_model(config.model.name, **config.model.architecture())
+    encoder = model.encoder
+    weights = None if resume else load_backbone_weights(encoder, config.model.pretrained)  # resumed: in last.pt
+    device = processes.device
+    encoder.to(device, memory_format=torch.channels_last)
+    network = encoder
+    if processes.distributed:
+        network = DistributedDataParallel(encoder, device_ids=[device] if device.type == "cuda" else None)
+    optimization = Optimization(network.parameters(), config.stage1, device)
+    state = TrainState(
+        stage="stage1",
+        model_name=model.name,
+        model_config=model.config.to_dict(),
+        preprocess=cache.preprocess.to_dict(),
+        weights={},
+        config=config.model_dump(mode="json"),
+        inputs={"cache": str(cache.root.resolve()), "command": command or [], "world_size": processes.world_size},
+        extra={"data": cache.describe(), **({"backbone_weights": weights} if weights else {})},
+    )
+
+    def train_epoch(epoch: int) -> tuple[float, dict[str, list[int]]]:
+        network.train()
+        batches = shard(epoch_batches(train, config.stage1, config.seed, epoch), processes)
+        loader = DataLoader(SliceBatches(cache, train, batches), batch_size=None, shuffle=False,
+                            num_workers=config.stage1.loader_workers, pin_memory=device.type == "cuda")
+        total = count = 0.0
+        bar = tqdm(loader, desc=f"stage1 epoch {epoch}", unit="batch", disable=not (progress and processes.is_main))
+        for images, image_labels, exam_labels in bar:
+            inputs = to_input(images.to(device, non_blocking=True), cache.preprocess)
+            if config.stage1.augment:
+                inputs = augment(inputs)
+            with optimization.autocast():
+                output = network(inputs.contiguous(memory_format=torch.channels_last))
+            loss = slice_loss(output.image.float(), output.exam.float(), image_labels.to(device),
+                              exam_labels.to(device), image_weight=config.stage1.image_weight)
+            optimization.step(loss)
+            total += float(loss.detach()) * len(images)
+            count += len(images)
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        total, count = processes.sum([total, count])
+        per_process = processes.gather(len(batches))
+        logger.info("stage1 epoch %d: rank %d trained %d batches of up to %d slices, one of %d processes", epoch,
+                    processes.rank, len(batches), config.stage1.batch_size, processes.world_size)
+        return total / max(count, 1.0), {"batches_per_process": per_process}
+
+    def validate() -> dict[str, float | None]:
+        return validate_encoder(encoder, cache, shard(val, processes, equal=False), processes, optimization,
+                                config.stage1.image_weight, config.stage1.val_negatives_per_study)
+
+    return fit(run, state, encoder, optimization, train_epoch, validate, config, processes, resume)
+
+
+def validation_slices(study: CachedStudy, negatives: int | None) -> np.ndarray:
+    """The slices of a validation study that validation reads: all, or the positives and ``negatives`` evenly
+    spaced negatives."""
+    if negatives is None:
+        return np.arange(study.slices)
+    others = np.flatnonzero(study.image == 0)
+    if len(others) > negatives:
+        others = others[np.linspace(0, len(others) - 1, negatives).round().astype(np.int64)]
+    return np.sort(np.concatenate([np.flatnonzero(study.image), others]))
+
+
+def validate_encoder(encoder: SliceEncoder, cache: Cache, studies: list[CachedStudy], processes: Processes,
+                     optimization: Optimization, image_weight: float,
+                     negatives: int | None = None) -> dict[str, float | None]:
+    """Mean slice loss over the validation slices of ``studies`` (this process's share), image AUC and the CNN-only
+    study AUC (a study's highest image probability)."""
+    encoder.eval()
+    device = processes.device
+    loss_sum = slices = 0.0
+    records: list[tuple[np.ndarray, np.ndarray, bool]] = []
+    with torch.no_grad():
+        for study in studies:
+            chosen = validation_slices(study, negatives)
+            image_logits, exam_logits = [], []
+            for start in range(0, len(chosen), _VAL_STEP):
+                inputs = cache.inputs(study, chosen[start : start + _VAL_STEP]).to(device)
+                with optimization.autocast():
+                    output = encoder(inputs.contiguous(memory_format=torch.channels_last))
+                image_logits.append(output.image.float())
+                exam_logits.append(output.exam.float())
+            image, exam = torch.cat(image_logits), torch.cat(exam_logits)
+            labels = study.image[chosen]
+            targets = torch.from_numpy(labels.astype(np.float32)).to(device)
+            exam_targets = torch.from_numpy(study.exam).to(device).expand_as(exam)
+            loss_sum += float(slice_loss(image, exam, targets, exam_targets, "none", image_weight).sum())
+            slices += len(chosen)
+            records.append((labels, torch.sigmoid(image).cpu().numpy(), study.exam_class == "positive"))
+    loss_sum, slices = processes.sum([loss_sum, slices])
+    gathered = [record for part in processes.gather(records) for record in part]
+    labels = np.concatenate([r[0] for r in gathered])
+    probabilities = np.concatenate([r[1] for r in gathered])
+    return {
+        "val_loss": loss_sum / max(slices, 1.0),
+        "val_image_auc": auc(labels, probabilities),
+        "val_study_auc": auc([r[2] for r in gathered], [float(r[1].max()) for r in gathered]),
+    }

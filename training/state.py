@@ -1,0 +1,124 @@
+"""A training run's checkpoints: ``last.pt`` to resume from, ``best.pt`` for the epoch of lowest validation loss.
+
+Each is ``torch.save`` of a plain dict (tensors, numbers, strings, lists, dicts), read with ``weights_only=True``:
+
+    format: "pe-train-state"    stage: "stage1" | "stage2"
+    model: {name, config}       the pe_node model name and its full ModelConfig (both stages are described)
+    preprocess                  the PreprocessConfig the inputs were made with
+    weights                     the state dict of the trained stage (the encoder or the sequence model)
+    epoch, best_epoch, best_val_loss, history
+    optimizer, scaler, rng      what ``--resume`` needs to go on exactly where it stopped (the learning-rate
+                                schedule is a function of the epoch)
+    config                      the resolved training config
+    inputs                      where the data came from (cache, features, the stage-1 checkpoint and its SHA-256)
+    extra                       stage-specific values (stage 2: the training labels' prevalence)
+
+Beside them the run folder holds ``config.yaml`` (the resolved config) and ``metrics.json`` (per-epoch losses).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pe_node.model import PEModel, create_model
+
+STATE_FORMAT = "pe-train-state"
+
+
+class StateError(ValueError):
+    """A training checkpoint that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class TrainState:
+    """Everything a training checkpoint holds (see the module docstring)."""
+
+    stage: str
+    model_name: str
+    model_config: dict[str, Any]
+    preprocess: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    epoch: int = 0
+    best_epoch: int = 0
+    best_val_loss: float = float("inf")
+    history: list[dict[str, Any]] = field(default_factory=list)
+    optimizer: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    rng: dict[str, Any] | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, **self.__dict__}
+
+
+def save_state(path: Path, state: TrainState) -> Path:
+    """Write ``state`` to ``path`` atomically (a crash never leaves half a last.pt)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state.to_dict(), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_state(path: Path, stage: str | None = None) -> TrainState:
+    """Read a training checkpoint; ``stage`` (stage1 / stage2) refuses the other stage's file by name."""
+    path = Path(path)
+    if not path.is_file():
+        raise StateError(f"training checkpoint {path}: no such file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # the file boundary: torch raises many kinds here
+        raise StateError(f"training checkpoint {path}: cannot be read ({str(error).splitlines()[0][:200]})") from None
+    if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+        marker = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise StateError(
+            f"training checkpoint {path}: format {marker!r}, expected {STATE_FORMAT!r} "
+            "(best.pt or last.pt of pe-train stage1 / stage2)"
+        )
+    data.pop("format")
+    state = TrainState(**data)
+    if stage is not None and state.stage != stage:
+        raise StateError(f"training checkpoint {path}: is a {state.stage} checkpoint, {stage} is needed here")
+    return state
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    """Write ``data`` as indented JSON, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
+    os.replace(partial, path)
+    return path
+
+
+def build_model(stage1: TrainState, stage2: TrainState | None = None) -> PEModel:
+    """The PE model of a trained stage 1 (and stage 2, if given) in eval mode; without stage 2 the sequence model
+    keeps its random weights (feature extraction and the CNN-only baseline use only the encoder)."""
+    if stage1.stage != "stage1" or (stage2 is not None and stage2.stage != "stage2"):
+        raise StateError("build_model needs a stage1 checkpoint and optionally a stage2 checkpoint, in that order")
+    name, config = stage1.model_name, stage1.model_config
+    if stage2 is not None:
+        if stage2.model_config["backbone"] != config["backbone"]:
+            raise StateError(
+                f"stage 2 was trained on {stage2.model_config['backbone']} embeddings, stage 1 is {config['backbone']}"
+            )
+        name, config = stage2.model_name, stage2.model_config
+    model = create_model(name, **config)
+    model.encoder.load_state_dict(stage1.weights)
+    if stage2 is not None:
+        model.sequence.load_state_dict(stage2.weights)
+    return model.eval()
