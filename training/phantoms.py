@@ -11,7 +11,9 @@ scanned with its own contrast bolus, noise and motion:
   (67.5 / 30 / 2.5 %); the first three studies of every block are one of each class in shuffled order, so any run of
   three or more studies holds every class.
 - Positive studies carry 1-7 emboli, central, lobar, segmental or subsegmental, acute (78 %), chronic (14 %) or both
-  (8 %). Labels come from what was drawn: ``pe_present_on_image`` on exactly the slices where an embolus covers a
+  (8 %). The first (largest) embolus lies central or lobar in 75 % of studies, the others mostly segmental or
+  subsegmental (50 / 20 %), so small clots are common but a study with only small ones is the minority, as in
+  practice. Labels come from what was drawn: ``pe_present_on_image`` on exactly the slices where an embolus covers a
   pixel; central_pe for an embolus in the trunk or a main pulmonary artery, leftsided_pe / rightsided_pe for one in
   that lung's arteries (main artery included); rv_lv_ratio from the drawn heart.
 - Indeterminate studies have a failed bolus (pulmonary arteries 100-150 HU, qa_contrast) and/or heavy respiratory
@@ -258,8 +260,11 @@ def _draw_lesions(rng: np.random.Generator, chest: Chest, cls: ExamClass) -> lis
             count = max(count, 2)
         for i in range(count):
             site = EmbolusSite(rng.choice([s.value for s in EmbolusSite], p=[0.03, 0.27, 0.5, 0.2]))
-            if i == 0 and rng.random() < 0.1:
-                site = EmbolusSite.CENTRAL
+            if i == 0:
+                # The first embolus is the study's largest: a thrombus that reaches the lungs usually lodges whole
+                # in a main or lobar artery and showers fragments further out; isolated segmental or subsegmental
+                # disease is the smaller share.
+                site = EmbolusSite(rng.choice([s.value for s in EmbolusSite], p=[0.12, 0.63, 0.2, 0.05]))
             chronic = course == "chronic" or (course == "mixed" and i % 2 == 1)
             kind = (LesionKind.WEB if rng.random() < 0.3 else LesionKind.CHRONIC) if chronic else LesionKind.ACUTE
             lesions.append(place_embolus(rng, chest, site, kind))
