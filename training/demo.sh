@@ -24,9 +24,21 @@ step() {
     echo "$name $((SECONDS - start)) s" | tee -a "$TIMES" >&2
 }
 
-step phantoms-train "$PE_TRAIN" phantoms --out "$WORK/phantoms-train" --studies 600 --seed 0 --size 256 \
+# A rerun in the same WORK keeps phantom sets already written (generation is deterministic for a seed), resumes
+# prepare, and retrains from there.
+phantoms() {
+    local name=$1 out=$2
+    shift 2
+    if [ -f "$out/train.csv" ]; then
+        echo "== $name: $out already written" >&2
+    else
+        step "$name" "$PE_TRAIN" phantoms --out "$out" "$@"
+    fi
+}
+
+phantoms phantoms-train "$WORK/phantoms-train" --studies 600 --seed 0 --size 256 \
     --slices 60-120 --workers 2 --quiet
-step phantoms-test "$PE_TRAIN" phantoms --out "$WORK/phantoms-test" --studies 80 --seed 1 --size 256 \
+phantoms phantoms-test "$WORK/phantoms-test" --studies 80 --seed 1 --size 256 \
     --slices 60-120 --workers 2 --quiet
 step prepare-train "$PE_TRAIN" prepare --config "$CONFIG" --data "$WORK/phantoms-train" --cache "$WORK/cache-train"
 step prepare-test "$PE_TRAIN" prepare --config "$CONFIG" --data "$WORK/phantoms-test" --cache "$WORK/cache-test" \
