@@ -1,0 +1,59 @@
+"""The demo weights in models/: within the size limit, loadable by pe-node, and described truthfully by their card."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from pe_node.config import load_config
+from pe_node.demo import make_phantom
+from pe_node.findings import EXAM_LABELS
+from pe_node.model import Predictor, check, load_checkpoint
+from pe_node.pipeline.series import load_series
+from pe_node.reporting.outcome import exam_probability
+
+REPO = Path(__file__).resolve().parents[2]
+CHECKPOINT = REPO / "models" / "pe-demo.pt"
+CARD = REPO / "models" / "README.md"
+
+
+def test_demo_weights_are_fp16_under_30_mb_and_are_the_default_checkpoint() -> None:
+    assert CHECKPOINT.stat().st_size <= 30 * 1024 * 1024
+    loaded = load_checkpoint(CHECKPOINT)
+    assert loaded.meta.weights_dtype == "float16"
+    assert "not for clinical use" in loaded.meta.provenance["description"]
+    assert load_config(REPO / "config.yaml").model.checkpoint == CHECKPOINT
+
+
+def test_the_model_card_gives_the_checkpoints_own_evaluation_numbers() -> None:
+    evaluation = load_checkpoint(CHECKPOINT).meta.provenance["evaluation"]
+    card = CARD.read_text(encoding="utf-8")
+    assert evaluation["phantoms"] is True
+    for result in evaluation["models"].values():
+        row = next(line for line in card.splitlines() if line.startswith(f"| {result['title']} |"))
+        assert f"| {result['study_pe_auc']:.3f} |" in row, row
+        assert f"| {result['rsna_log_loss']:.4f} |" in row, row
+    assert f"{evaluation['constant_baseline_rsna_log_loss']:.4f}" in card
+    assert "not for clinical use" in card.lower()
+    assert "training/demo.sh" in card
+
+
+def test_the_card_names_the_preprocessing_the_checkpoint_carries() -> None:
+    preprocess = load_checkpoint(CHECKPOINT).preprocess
+    card = CARD.read_text(encoding="utf-8")
+    assert re.search(rf"\b{preprocess.size} px\b", card)
+    assert preprocess.crop.value in card
+
+
+def test_demo_weights_analyse_the_phantom_make_demo_sends(tmp_path: Path) -> None:
+    loaded = load_checkpoint(CHECKPOINT)
+    files, truth = make_phantom(tmp_path / "phantom", seed=2026)
+    series = load_series(files)
+    prediction = Predictor(loaded.model, loaded.preprocess).predict(series, cam_slices=2)
+    assert "slices with clot" in truth, truth
+    assert prediction.image.shape == (len(files),)
+    assert check(np.array([prediction.exam[label] for label in EXAM_LABELS]), prediction.image) == []
+    assert 0.0 <= exam_probability(prediction) <= 1.0
+    assert len(prediction.cams) == 2
