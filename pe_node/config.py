@@ -122,9 +122,14 @@ class ModelConfig(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, device: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-            raise ValueError(f"{device!r}: use auto, cpu, cuda or cuda:N")
-        return device
+        return check_device(device)
+
+
+def check_device(device: str) -> str:
+    """A torch device setting as the config accepts it: auto (CUDA when present), cpu, cuda or cuda:N."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ValueError(f"{device!r}: use auto, cpu, cuda or cuda:N")
+    return device
 
 
 class WorkerConfig(_Section):

@@ -21,6 +21,7 @@ import timm
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pe_node.config import check_device
 from pe_node.findings import IMAGE_WEIGHT
 from pe_node.model import PreprocessConfig, model_config
 
@@ -183,9 +184,7 @@ class TrainConfig(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, device: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-            raise ValueError(f"{device!r}: use auto, cpu, cuda or cuda:N")
-        return device
+        return check_device(device)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
