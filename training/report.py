@@ -41,6 +41,15 @@ def _number(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _label_table(title: str, models: dict[str, Any], key: str) -> list[str]:
+    """A markdown section: one row per label (the nine exam labels, then the image level), one column per model."""
+    lines = [f"## {title}", "", "| label | " + " | ".join(r["title"] for r in models.values()) + " |",
+             "|---|" + "---|" * len(models)]
+    for label in (*EXAM_LABELS, IMAGE_LABEL):
+        lines.append(f"| {label} | " + " | ".join(_number(r[key][label]) for r in models.values()) + " |")
+    return lines
+
+
 def write_report(path: Path, metrics: dict[str, Any]) -> Path:
     """Write the markdown summary of an evaluation's ``metrics`` (as in metrics.json)."""
     models = metrics["models"]
@@ -79,24 +88,10 @@ def write_report(path: Path, metrics: dict[str, Any]) -> Path:
         + ", ".join(f"{r['consistency']['studies_breaking_rules_after']} left" for r in models.values())
         + "). Accuracy is at a threshold of 0.5.",
         "",
-        "## AUC per label",
-        "",
-        "| label | " + " | ".join(r["title"] for r in models.values()) + " |",
-        "|---|" + "---|" * len(models),
     ]
-    for label in (*EXAM_LABELS, IMAGE_LABEL):
-        lines.append(f"| {label} | " + " | ".join(_number(r["auc"][label]) for r in models.values()) + " |")
-    lines += [
-        "",
-        "n/a: the label has only one class among these studies.",
-        "",
-        "## Accuracy per label (threshold 0.5)",
-        "",
-        "| label | " + " | ".join(r["title"] for r in models.values()) + " |",
-        "|---|" + "---|" * len(models),
-    ]
-    for label in (*EXAM_LABELS, IMAGE_LABEL):
-        lines.append(f"| {label} | " + " | ".join(_number(r["accuracy"][label]) for r in models.values()) + " |")
+    lines += _label_table("AUC per label", models, "auc")
+    lines += ["", "n/a: the label has only one class among these studies.", ""]
+    lines += _label_table("Accuracy per label (threshold 0.5)", models, "accuracy")
     lines += ["", "## Figures", ""]
     lines += [f"![{name}]({name})" for name in metrics["figures"]]
     lines += ["", PHANTOM_CAVEATS if metrics["data"]["phantoms"] else ""]
