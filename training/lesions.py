@@ -13,7 +13,9 @@ attenuation in an artery; and true filling defects that are not PE: a mucus plug
 beside its artery), a lymph node beside a hilar artery, a lung mass.
 
 A lesion's ``cover`` on a slice is computed from the slice's own pixels, and the labels of a study come from what is
-covered, so ``pe_present_on_image`` marks exactly the slices on which an embolus was drawn.
+covered: ``pe_present_on_image`` marks exactly the slices on which an embolus shows, that is covers at least
+``EMBOLUS_VISIBLE_MM2`` of the slice (a defect about 2.5 mm across, what a reader calls with confidence). The tapered
+ends of a clot, where it is thinner than that, are drawn but not labelled, as a reader would not mark them either.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from training.anatomy import Chest, Ellipsoid, Grid, LumenFrame, TubeKind, Tubes
 
 # A mimic counts as visible on a slice where it changes some pixel by this share of the way to its own HU.
 MIMIC_VISIBLE_WEIGHT = 0.35
+# An embolus shows on a slice where its defect covers at least this area (mm^2): a disc about 2.5 mm across.
+EMBOLUS_VISIBLE_MM2 = 5.0
 
 
 class LesionKind(str, enum.Enum):
@@ -288,7 +292,16 @@ def place_filling_defect(rng: np.random.Generator, chest: Chest) -> Lesion:
 
 
 def covered_pixels(covers: list[Cover], kind: LesionKind) -> int:
-    """How many pixels of a slice show the lesion: any covered pixel for an embolus, pixels moved at least
+    """How many pixels of a slice the lesion covers: any covered pixel for an embolus, pixels moved at least
     MIMIC_VISIBLE_WEIGHT of the way to the lesion's HU for a mimic."""
     threshold = 0.0 if kind.is_embolus else MIMIC_VISIBLE_WEIGHT
     return sum(int(np.count_nonzero(c.weight > threshold)) for c in covers)
+
+
+def shows(covers: list[Cover], kind: LesionKind, spacing: float) -> bool:
+    """Whether a lesion shows on a slice of ``spacing`` mm pixels: an embolus covering at least
+    EMBOLUS_VISIBLE_MM2, a mimic with any pixel moved MIMIC_VISIBLE_WEIGHT of the way (see covered_pixels)."""
+    pixels = covered_pixels(covers, kind)
+    if kind.is_embolus:
+        return pixels > 0 and pixels * spacing**2 >= EMBOLUS_VISIBLE_MM2
+    return pixels > 0

@@ -11,10 +11,11 @@ scanned with its own contrast bolus, noise and motion:
   (67.5 / 30 / 2.5 %); the first three studies of every block are one of each class in shuffled order, so any run of
   three or more studies holds every class.
 - Positive studies carry 1-7 emboli, central, lobar, segmental or subsegmental, acute (78 %), chronic (14 %) or both
-  (8 %). The first (largest) embolus lies central or lobar in 75 % of studies, the others mostly segmental or
+  (8 %). The first (largest) embolus lies central or lobar in 90 % of studies, the others mostly segmental or
   subsegmental (50 / 20 %), so small clots are common but a study with only small ones is the minority, as in
-  practice. Labels come from what was drawn: ``pe_present_on_image`` on exactly the slices where an embolus covers a
-  pixel; central_pe for an embolus in the trunk or a main pulmonary artery, leftsided_pe / rightsided_pe for one in
+  practice. Labels come from what was drawn: ``pe_present_on_image`` on exactly the slices where an embolus shows
+  (covers at least ``lesions.EMBOLUS_VISIBLE_MM2``, a defect about 2.5 mm across; the thin tapered ends of a clot
+  are drawn but not labelled); central_pe for an embolus in the trunk or a main pulmonary artery, leftsided_pe / rightsided_pe for one in
   that lung's arteries (main artery included); rv_lv_ratio from the drawn heart.
 - Indeterminate studies have a failed bolus (pulmonary arteries 100-150 HU, qa_contrast) and/or heavy respiratory
   motion (blur, ghosting and slices out of step, qa_motion), and no emboli.
@@ -56,6 +57,7 @@ from training.lesions import (
     Lesion,
     LesionKind,
     covered_pixels,
+    shows,
     place_embolus,
     place_filling_defect,
     place_flow_artifact,
@@ -264,7 +266,7 @@ def _draw_lesions(rng: np.random.Generator, chest: Chest, cls: ExamClass) -> lis
                 # The first embolus is the study's largest: a thrombus that reaches the lungs usually lodges whole
                 # in a main or lobar artery and showers fragments further out; isolated segmental or subsegmental
                 # disease is the smaller share.
-                site = EmbolusSite(rng.choice([s.value for s in EmbolusSite], p=[0.12, 0.63, 0.2, 0.05]))
+                site = EmbolusSite(rng.choice([s.value for s in EmbolusSite], p=[0.2, 0.7, 0.1, 0.0]))
             chronic = course == "chronic" or (course == "mixed" and i % 2 == 1)
             kind = (LesionKind.WEB if rng.random() < 0.3 else LesionKind.CHRONIC) if chronic else LesionKind.ACUTE
             lesions.append(place_embolus(rng, chest, site, kind))
@@ -277,12 +279,12 @@ def _draw_lesions(rng: np.random.Generator, chest: Chest, cls: ExamClass) -> lis
 
 
 def _visibility(chest: Chest, grid: Grid, anatomy_z: np.ndarray, lesion: Lesion) -> tuple[np.ndarray, set[int]]:
-    """On which slices the lesion shows (see lesions.covered_pixels), and in which tubes."""
+    """On which slices the lesion shows (see lesions.shows), and in which tubes."""
     shown = np.zeros(len(anatomy_z), dtype=bool)
     tubes: set[int] = set()
     for i, z in enumerate(anatomy_z):
         covers = lesion.cover(chest.tubes, grid, float(z))
-        if covered_pixels(covers, lesion.kind):
+        if shows(covers, lesion.kind, grid.spacing):
             shown[i] = True
             tubes.update(c.tube for c in covers if covered_pixels([c], lesion.kind))
     return shown, tubes
@@ -414,8 +416,8 @@ def write_study(plan: StudyPlan, images: Path) -> list[list[object]]:
     rows = []
     for i in range(plan.slices):
         rendered = render_slice(plan, i)
-        if bool(rendered.embolus.any()) != bool(plan.pe_present[i]):
-            raise RuntimeError(f"study {plan.index} slice {i}: embolus drawn and pe_present_on_image disagree")
+        if plan.pe_present[i] and not rendered.embolus.any():
+            raise RuntimeError(f"study {plan.index} slice {i}: pe_present_on_image without an embolus drawn")
         sop = _uid(plan.seed, plan.index, "image", i)
         (folder / f"{sop}.dcm").write_bytes(encoder.encode(sop, slice_geometry(plan, i), to_stored(rendered.hu)))
         rows.append([study, series_uid, sop, int(plan.pe_present[i]), *study_values])

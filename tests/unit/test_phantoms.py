@@ -14,6 +14,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pe_node.findings import IMAGE_LABEL
 from training.anatomy import TubeKind
 from training.ctimage import SeriesEncoder, series_dataset, slice_dataset, to_stored
+from training.lesions import EMBOLUS_VISIBLE_MM2, covered_pixels
 from training.phantoms import (
     ExamClass,
     PhantomSummary,
@@ -119,19 +120,39 @@ def test_workers_make_the_same_files_as_one_process(tmp_path: Path) -> None:
     assert _hashes(tmp_path / "one") == _hashes(tmp_path / "two")
 
 
-def test_pe_present_on_image_marks_exactly_the_slices_where_an_embolus_is_drawn() -> None:
+def test_pe_present_on_image_marks_exactly_the_slices_where_an_embolus_shows() -> None:
     plan = plan_study(SEED, _first(SEED, ExamClass.POSITIVE), (40, 50), 128)
-    drawn = []
+    area = plan.grid.spacing**2
+    shown = []
     for i in range(plan.slices):
         rendered = render_slice(plan, i, noise=False)
-        drawn.append(bool(rendered.embolus.any()))
-        if rendered.embolus.any():
+        z = float(plan.anatomy_z[i])
+        largest = max(covered_pixels(lesion.cover(plan.chest.tubes, plan.grid, z), lesion.kind)
+                      for lesion in plan.lesions if lesion.kind.is_embolus)
+        shown.append(largest * area >= EMBOLUS_VISIBLE_MM2)
+        if shown[-1]:
+            assert rendered.embolus.sum() >= largest
             assert 20.0 <= float(rendered.hu[rendered.embolus].mean()) <= 70.0
-    assert drawn == list(plan.pe_present) and any(drawn)
+    assert shown == list(plan.pe_present) and any(shown)
     assert plan.labels["negative_exam_for_pe"] == 0
     negative = plan_study(SEED, _first(SEED, ExamClass.NEGATIVE), (40, 50), 128)
     assert not negative.pe_present.any()
     assert not any(render_slice(negative, i, noise=False).embolus.any() for i in range(0, negative.slices, 5))
+
+
+def test_clot_ends_thinner_than_the_visible_area_are_drawn_but_not_labelled() -> None:
+    found = False
+    for index in range(40):
+        if exam_class(SEED, index) is not ExamClass.POSITIVE:
+            continue
+        plan = plan_study(SEED, index, (40, 50), 256)
+        for i in np.flatnonzero(~plan.pe_present):
+            pixels = int(render_slice(plan, int(i), noise=False).embolus.sum())
+            assert pixels * plan.grid.spacing**2 < EMBOLUS_VISIBLE_MM2 * len(plan.lesions)
+            found = found or pixels > 0
+        if found:
+            break
+    assert found
 
 
 def test_dicom_files_are_ct_images_with_plausible_hounsfield_units(phantom_set: tuple[Path, PhantomSummary]) -> None:
