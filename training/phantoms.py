@@ -15,8 +15,8 @@ scanned with its own contrast bolus, noise and motion:
   subsegmental (50 / 20 %), so small clots are common but a study with only small ones is the minority, as in
   practice. Labels come from what was drawn: ``pe_present_on_image`` on exactly the slices where an embolus shows
   (covers at least ``lesions.EMBOLUS_VISIBLE_MM2``, a defect about 2.5 mm across; the thin tapered ends of a clot
-  are drawn but not labelled); central_pe for an embolus in the trunk or a main pulmonary artery, leftsided_pe / rightsided_pe for one in
-  that lung's arteries (main artery included); rv_lv_ratio from the drawn heart.
+  are drawn but not labelled); central_pe for an embolus in the trunk or a main pulmonary artery, leftsided_pe /
+  rightsided_pe for one in that lung's arteries (main artery included); rv_lv_ratio from the drawn heart.
 - Indeterminate studies have a failed bolus (pulmonary arteries 100-150 HU, qa_contrast) and/or heavy respiratory
   motion (blur, ghosting and slices out of step, qa_motion), and no emboli.
 - Flow artefacts (10 %) and true filling defects that are not PE (6 %: mucus plug, lymph node, mass) appear in
