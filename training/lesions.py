@@ -303,5 +303,5 @@ def shows(covers: list[Cover], kind: LesionKind, spacing: float) -> bool:
     EMBOLUS_VISIBLE_MM2, a mimic with any pixel moved MIMIC_VISIBLE_WEIGHT of the way (see covered_pixels)."""
     pixels = covered_pixels(covers, kind)
     if kind.is_embolus:
-        return pixels > 0 and pixels * spacing**2 >= EMBOLUS_VISIBLE_MM2
+        return pixels * spacing**2 >= EMBOLUS_VISIBLE_MM2
     return pixels > 0

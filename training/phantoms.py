@@ -57,11 +57,11 @@ from training.lesions import (
     Lesion,
     LesionKind,
     covered_pixels,
-    shows,
     place_embolus,
     place_filling_defect,
     place_flow_artifact,
     place_saddle_embolus,
+    shows,
 )
 from training.rspect import RSPECT_COLUMNS, STUDY_COLUMNS, check_labels
 
