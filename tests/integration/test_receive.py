@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import subprocess
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -86,7 +85,8 @@ def transfer_syntax_files(folder: Path) -> dict[str, Path]:
 
 
 def by_sop_uid(folder: Path) -> dict[str, Path]:
-    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in folder.rglob("*") if p.is_file()}
+    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
+            for p in folder.rglob("*") if p.is_file()}
 
 
 def test_every_transfer_syntax_arrives_as_sent_and_decodable(start_node, tmp_path: Path) -> None:

@@ -29,8 +29,8 @@ from pe_node.reporting import (
     ReportObjects,
     ReportOptions,
     build_report,
+    codes,
 )
-from pe_node.reporting import codes
 from pe_node.reporting.overlay import PE_WINDOW, window
 
 ALGORITHM = AlgorithmInfo(name="pe-node PE CNN-LSTM", version="1.4.2")

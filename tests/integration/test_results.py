@@ -13,6 +13,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from sqlalchemy import create_engine, text
 
 from tests.dicom_factory import make_ct_dataset, phantom_slice, write_ct_series
 from tests.integration.conftest import needs_dcmtk, needs_dicom3tools, needs_orthanc
@@ -161,8 +162,9 @@ def unsuitable_series(kind: str, folder: Path) -> list[Path]:
     if kind == "mixed sizes":
         files = write_ct_series(folder, n_slices=40, size=64, seed=3)
         ds = pydicom.dcmread(files[7])
-        other = make_ct_dataset(phantom_slice(7, 40, 32), position=ds.ImagePositionPatient, study_uid=ds.StudyInstanceUID,
-                                series_uid=ds.SeriesInstanceUID, sop_uid=ds.SOPInstanceUID)
+        other = make_ct_dataset(phantom_slice(7, 40, 32), position=ds.ImagePositionPatient,
+                                study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
+                                sop_uid=ds.SOPInstanceUID)
         other.save_as(files[7], enforce_file_format=True)
         return files
     if kind == "corrupt pixel data":
@@ -230,10 +232,18 @@ def test_worker_killed_mid_job_is_replaced_and_the_job_runs_again(tmp_path: Path
         series = write_ct_series(tmp_path / "big", n_slices=300, size=256, seed=8)
         send(receiver, series)
         first = NodeProcess(root, config, args=("worker",)).start()
-        running = wait_until(lambda: [j for j in receiver.status()["jobs"] if j["state"] == "running"], timeout=60,
-                             interval=0.05, what="the job running")
+        engine = create_engine(config["database"]["url"])
+        leased = text("SELECT attempts FROM jobs WHERE state = 'running' AND lease_owner LIKE :owner")
+
+        def attempts_on_first() -> int | None:
+            with engine.connect() as connection:
+                return connection.execute(leased, {"owner": f"%:{first.process.pid}"}).scalar()
+
+        # The database, not the status page, is polled: a status request can take longer than the job itself.
+        assert wait_until(attempts_on_first, timeout=60, interval=0.005, what="the job running") == 1
         first.kill()
-        assert running[0]["attempts"] == 1
+        assert attempts_on_first() == 1, "killed mid-job: the job is still leased to the dead worker"
+        engine.dispose()
         second = NodeProcess(root, config, args=("worker",)).start()
         try:
             status = finished_jobs(receiver, timeout=120)

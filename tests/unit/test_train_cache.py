@@ -33,7 +33,8 @@ def test_every_study_is_cached_as_uint8_windows_with_its_labels(cache: Cache, ph
         images = cache.images(study)
         assert images.dtype == np.uint8 and images.shape == (study.slices, 3, 48, 48)
         assert isinstance(images, np.memmap)
-        labels = {image.sop_instance_uid: image.pe_present_on_image for image in source[study.study_instance_uid].images}
+        labels = {image.sop_instance_uid: image.pe_present_on_image
+                  for image in source[study.study_instance_uid].images}
         assert [labels[uid] for uid in study.sop_instance_uids] == study.image.tolist()
         assert study.labels == source[study.study_instance_uid].labels
     assert cache.preprocess == PREPROCESS
