@@ -5,7 +5,8 @@ model (EfficientNet-B0, random weights) at 256 px, runs the full Predictor (prep
 synthetic 300-slice 512x512 series with the fast path and with the plain fp32 path in the same process (after a
 warm-up of each), then writes a 1,100-slice 512x512 DICOM series and runs ``pe-node predict``'s code on it in a
 subprocess to report its peak resident memory. It prints figures and asserts nothing: the targets of issue 3
-(>= 80 slices/s, >= 2.5x the plain path, < 2.5 GB) are printed next to them for reading.
+(>= 80 slices/s, >= 2.5x the plain path, < 2.5 GB) are printed next to them for reading. ``--device cuda`` runs the
+speed series on a GPU (the fast path there is bf16 autocast, channels_last); bench/cuda.md holds figures measured so.
 """
 
 from __future__ import annotations
@@ -76,14 +77,14 @@ def report_speed(args: argparse.Namespace) -> None:
     preprocess = PreprocessConfig(size=args.input_size)
     series = synthetic_series(args.slices, args.size)
     warmup = synthetic_series(args.batch_size, args.size)
-    fast = Predictor(model, preprocess, device="cpu", batch_size=args.batch_size, fast=True)
-    plain = Predictor(model, preprocess, device="cpu", batch_size=args.batch_size, fast=False)
+    fast = Predictor(model, preprocess, device=args.device, batch_size=args.batch_size, fast=True)
+    plain = Predictor(model, preprocess, device=args.device, batch_size=args.batch_size, fast=False)
     results = {}
     for name, predictor in (("fast", fast), ("plain fp32", plain)):
         results[name] = time_predictor(predictor, series, warmup, args.repeats)
     print(
         f"\nFull Predictor on {args.slices} slices {args.size}x{args.size} -> {args.input_size} px, "
-        f"{args.backbone}, batch {args.batch_size}"
+        f"{args.backbone}, batch {args.batch_size}, on {fast.device}"
     )
     print(
         f"  fast path: {fast.precision} (native CPU bf16: {cpu_has_fast_bf16()}), stage 1 in {fast.engine}"
@@ -152,7 +153,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per path (the best is kept)")
-    parser.add_argument("--rss-slices", type=int, default=1100, help="slices of the memory series (0: skip)")
+    parser.add_argument("--rss-slices", type=int, default=1100,
+                        help="slices of the memory series, run on the CPU (0: skip)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the speed series runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
@@ -160,6 +163,8 @@ def main() -> None:
         f"capability {torch.backends.cpu.get_cpu_capability()}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
         f"load average {os.getloadavg()[0]:.2f} (other processes on the host skew wall-clock figures)"
     )
+    if args.device.startswith("cuda"):
+        print(f"GPU {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}")
     report_speed(args)
     if args.rss_slices:
         report_memory(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -87,14 +88,22 @@ def _evaluation(path: Path) -> dict[str, Any]:
     }
 
 
-def _git() -> dict[str, Any]:
-    """The commit of the code that exported (and whether the working tree had changes), if git knows it."""
-    root = Path(__file__).resolve().parent.parent
+SOURCE_COMMIT_VARIABLE = "PE_NODE_SOURCE_COMMIT"
+"""Names the commit of a source copy that has no ``.git`` (a container build, a tree copied to a GPU machine)."""
+
+
+def _git(root: Path | None = None) -> dict[str, Any]:
+    """The commit of the code that exported (and whether the working tree had changes), if git knows it; in a copy
+    without ``.git``, the commit that ``PE_NODE_SOURCE_COMMIT`` names, marked as such."""
+    root = root or Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 check=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
+        named = os.environ.get(SOURCE_COMMIT_VARIABLE, "").strip()
+        if named:
+            return {"git_commit": named, "from": f"{SOURCE_COMMIT_VARIABLE} (a copy of the tree without .git)"}
         return {"git_commit": None}
     return {"git_commit": commit, "uncommitted_changes": bool(dirty)}

@@ -104,3 +104,10 @@ def test_a_missing_cache_is_a_one_line_failure(tmp_path: Path, capsys: pytest.Ca
     status = main(["stage1", "--quiet", "--cache", str(tmp_path / "nothing"), "--out", str(tmp_path / "run")])
     assert status == 1
     assert "no index.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "demo-gpu.yaml"])
+def test_the_shipped_training_configs_load(name: str) -> None:
+    config = load_train_config(Path(__file__).resolve().parents[2] / "training" / "configs" / name)
+    assert config.model.pretrained is False, "the demo runs without network"
+    assert config.data.test_fraction == 0.0, "the demo tests on phantoms of another seed"

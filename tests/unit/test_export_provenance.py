@@ -1,0 +1,32 @@
+"""The code commit an exported checkpoint records: git's, or, in a copy of the tree without .git, the named one."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from training.export import SOURCE_COMMIT_VARIABLE, _git
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_a_checkout_records_its_own_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SOURCE_COMMIT_VARIABLE, "0" * 40)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+    code = _git(REPO)
+    assert code["git_commit"] == head.stdout.strip(), "git's own answer wins over the variable"
+    assert isinstance(code["uncommitted_changes"], bool)
+
+
+def test_a_copy_without_git_records_the_commit_it_is_told(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SOURCE_COMMIT_VARIABLE, " 29e148c5 \n")
+    code = _git(tmp_path)
+    assert code["git_commit"] == "29e148c5"
+    assert SOURCE_COMMIT_VARIABLE in code["from"]
+
+
+def test_a_copy_without_git_and_without_a_name_records_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SOURCE_COMMIT_VARIABLE, raising=False)
+    assert _git(tmp_path) == {"git_commit": None}
