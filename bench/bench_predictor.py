@@ -6,7 +6,7 @@ synthetic 300-slice 512x512 series with the fast path and with the plain fp32 pa
 warm-up of each), then writes a 1,100-slice 512x512 DICOM series and runs ``pe-node predict``'s code on it in a
 subprocess to report its peak resident memory. It prints figures and asserts nothing: the targets of issue 3
 (>= 80 slices/s, >= 2.5x the plain path, < 2.5 GB) are printed next to them for reading. ``--device cuda`` runs the
-speed series on a GPU (the fast path there is bf16 autocast, channels_last); bench/cuda.md holds figures measured so.
+speed series on a GPU (the fast path there is bf16 autocast, channels_last).
 """
 
 from __future__ import annotations
