@@ -128,10 +128,11 @@ class OptimConfig(_Section):
 class Stage1Config(OptimConfig):
     """Stage 1: the slice encoder, trained per slice on image and exam labels (paper section 3.2).
 
-    Each epoch takes, from every training study, its positive slices (at most ``positives_per_study``, null: all)
-    and ``negatives_per_study`` random negative slices (null: all), drawn ``uniform``-ly over the scan or
-    ``matched`` to where positives lie (``training.data``). ``sampling: study`` makes each batch from one
-    study, as in the paper; ``mixed`` mixes studies in a batch. ``image_weight`` is the image label's weight in
+    Each epoch takes, from every training study, its positive slices (at most ``positives_per_study``, null: all) and
+    ``negatives_per_study`` random negative slices (null: all), drawn ``uniform``-ly over the scan or ``matched`` to
+    where positives lie (``training.data``); ``within`` takes the matched negatives from the studies with positive
+    slices alone, so that positives and negatives come from the same patients. ``sampling: study`` makes each batch from
+    one study, as in the paper; ``mixed`` mixes studies in a batch. ``image_weight`` is the image label's weight in
     ``pe_node.model.slice_loss`` (default: the RSNA weight, the paper's loss; the nine exam labels weigh about 1 in
     all); raising it makes stage 1 learn what shows on each slice rather than which patient a slice belongs to.
     ``augment`` moves each training slice a little (``training.augment``) for the same reason. Validation reads
@@ -147,7 +148,7 @@ class Stage1Config(OptimConfig):
     augment: bool = Field(False, description="random rotation, scaling and shift of each training slice")
     positives_per_study: int | None = Field(None, ge=1)
     negatives_per_study: int | None = Field(16, ge=1)
-    negatives: Literal["uniform", "matched"] = "uniform"
+    negatives: Literal["uniform", "matched", "within"] = "uniform"
     val_negatives_per_study: int | None = Field(None, ge=1)
     loader_workers: int = Field(0, ge=0, le=64)
 

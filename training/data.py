@@ -5,8 +5,10 @@ a fresh random draw of its negative slices (PE shows on a few percent of slices,
 the epoch on negatives); ``sampling="study"`` cuts each study's draw into batches of its own, as the paper does,
 ``"mixed"`` shuffles all draws together. Emboli lie in the hilar part of the scan, so with negatives drawn
 uniformly a network can score slices by where they are instead of by what they show; ``negatives="matched"``
-draws the negatives from the positions where the training set's positives lie (``position_profile``). The plan of an epoch depends only on (seed, epoch), so a resumed run and a
-run on several processes see the same batches.
+draws the negatives from the positions where the training set's positives lie (``position_profile``).
+``negatives="within"`` draws them so from the studies with positive slices only: then a slice's patient (an enlarged
+heart that comes with emboli, say) says nothing about its label, and only what shows on it does. The plan of an
+epoch depends only on (seed, epoch), so a resumed run and a run on several processes see the same batches.
 
 Stage 2 reads whole studies: embeddings [T, D] of different lengths, padded at the end into [B, T, D] with a mask
 that is True on real slices, the layout ``pe_node.model.SequenceModel`` and ``rsna_loss`` take.
@@ -47,8 +49,9 @@ class SliceBatch:
 def epoch_batches(studies: Sequence[CachedStudy], config: Stage1Config, seed: int, epoch: int) -> list[SliceBatch]:
     """The stage-1 batches of ``epoch`` over ``studies``, in training order."""
     rng = np.random.default_rng([seed, _EPOCH_STREAM, epoch])
-    profile = position_profile(studies) if config.negatives == "matched" else None
-    draws = [_draw(study, config, rng, profile) for study in studies]
+    profile = position_profile(studies) if config.negatives in ("matched", "within") else None
+    draws = [_draw(study, config, rng, profile) if config.negatives != "within" or study.image.any()
+             else np.zeros(0, dtype=np.int64) for study in studies]
     if config.sampling == "study":
         batches = []
         for position, chosen in enumerate(draws):

@@ -127,3 +127,15 @@ def test_matched_negatives_come_from_where_positives_lie() -> None:
         return float(np.mean([14 <= k <= 25 for k in drawn]))
 
     assert central_share(matched) > 0.8 > 0.5 > central_share(uniform)
+
+
+def test_within_negatives_come_from_the_positive_studies_alone() -> None:
+    studies = [_study(f"n{i}", []) for i in range(10)] + [_study("p", list(range(16, 24))), _study("q", [30, 31])]
+    config = Stage1Config(batch_size=8, negatives_per_study=4, negatives="within", sampling="mixed")
+    drawn = _drawn(epoch_batches(studies, config, seed=0, epoch=1))
+    assert {s for s, _ in drawn} == {10, 11}, "no slice of a study without positives"
+    for index in (10, 11):
+        study = studies[index]
+        taken = [k for s, k in drawn if s == index]
+        assert sorted(k for k in taken if study.image[k]) == np.flatnonzero(study.image).tolist()
+        assert sum(1 for k in taken if not study.image[k]) == 4
