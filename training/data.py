@@ -50,8 +50,7 @@ def epoch_batches(studies: Sequence[CachedStudy], config: Stage1Config, seed: in
     """The stage-1 batches of ``epoch`` over ``studies``, in training order."""
     rng = np.random.default_rng([seed, _EPOCH_STREAM, epoch])
     profile = position_profile(studies) if config.negatives in ("matched", "within") else None
-    draws = [_draw(study, config, rng, profile) if config.negatives != "within" or study.image.any()
-             else np.zeros(0, dtype=np.int64) for study in studies]
+    draws = [_draw(study, config, rng, profile) for study in studies]
     if config.sampling == "study":
         batches = []
         for position, chosen in enumerate(draws):
@@ -90,8 +89,11 @@ def _bin(indices: np.ndarray, slices: int, bins: int) -> np.ndarray:
 def _draw(study: CachedStudy, config: Stage1Config, rng: np.random.Generator,
           profile: np.ndarray | None) -> np.ndarray:
     """The slices of one study for one epoch: its positives (all, or a random few) and random negatives, drawn
-    uniformly or, with a position ``profile``, where positives usually lie."""
+    uniformly or, with a position ``profile``, where positives usually lie; none of a study without positives when
+    negatives are drawn ``within``."""
     positives = np.flatnonzero(study.image)
+    if config.negatives == "within" and not len(positives):
+        return positives.astype(np.int64)
     negatives = np.flatnonzero(study.image == 0)
     if config.positives_per_study is not None and len(positives) > config.positives_per_study:
         positives = rng.choice(positives, config.positives_per_study, replace=False)

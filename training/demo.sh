@@ -3,10 +3,10 @@
 #
 #   training/demo.sh [WORK]        (WORK: where data, caches, runs and the report go; default runs/demo)
 #
-# Environment: CONFIG (training/configs/demo.yaml), OUT (models/pe-demo.pt), STUDIES (training phantoms, 600),
+# Environment: CONFIG (training/configs/demo.yaml), OUT (models/pe-demo.pt), STUDIES (training phantoms, 900),
 # TEST_STUDIES (held-out phantoms, 80), WORKERS (phantom-writing processes, 2), PE_TRAIN (the pe-train command).
-# About an hour on two CPU cores with demo.yaml; a CUDA GPU is used when present (device: auto), and
-# training/configs/demo-gpu.yaml (the shipped weights) takes about ten minutes on one GPU with 16 cores beside it.
+# About 95 minutes on two CPU cores with demo.yaml (models/README.md has the timings); a CUDA GPU is used when
+# present (device: auto), and training/configs/demo-gpu.yaml sizes the demo for one GPU with 16 cores beside it.
 # The same commands train on the real RSNA-STR data set: point `prepare --data` at it instead of the phantoms and
 # raise the sizes in the config.
 set -euo pipefail
@@ -15,7 +15,7 @@ WORK=${1:-runs/demo}
 CONFIG=${CONFIG:-training/configs/demo.yaml}
 OUT=${OUT:-models/pe-demo.pt}
 PE_TRAIN=${PE_TRAIN:-pe-train}
-STUDIES=${STUDIES:-600}
+STUDIES=${STUDIES:-900}
 TEST_STUDIES=${TEST_STUDIES:-80}
 WORKERS=${WORKERS:-2}
 mkdir -p "$WORK"
