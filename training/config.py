@@ -123,6 +123,11 @@ class OptimConfig(_Section):
     gamma: float = Field(0.5, gt=0.0, le=1.0, description="decay factor of the step schedule")
     grad_clip: float | None = Field(1.0, gt=0.0, description="largest gradient norm; null: no clipping")
     amp: bool = Field(True, description="autocast on CUDA (bf16 if supported, else fp16 with loss scaling)")
+    max_minutes: float | None = Field(
+        None, gt=0.0,
+        description="time budget: after the first epoch the stage runs as many of its epochs as fit in this many "
+        "minutes at that epoch's pace, and the schedule spans those; null: all epochs")
+    select: str = Field("val_loss", description="the validation number that picks best.pt")
 
 
 class Stage1Config(OptimConfig):
@@ -151,6 +156,8 @@ class Stage1Config(OptimConfig):
     negatives: Literal["uniform", "matched", "within"] = "uniform"
     val_negatives_per_study: int | None = Field(None, ge=1)
     loader_workers: int = Field(0, ge=0, le=64)
+    select: Literal["val_loss", "val_image_auc", "val_study_auc"] = Field(
+        "val_loss", description="best.pt: the epoch of lowest validation loss (the paper) or of highest AUC")
 
 
 class Stage2Config(OptimConfig):
@@ -160,6 +167,8 @@ class Stage2Config(OptimConfig):
     batch_size: int = Field(8, ge=1)
     lr: float = Field(5e-4, gt=0.0)
     pooling: Literal["attention", "mean", "max"] = "attention"
+    select: Literal["val_loss", "val_rsna_log_loss", "val_study_auc"] = Field(
+        "val_loss", description="best.pt: the epoch of lowest validation loss (the paper), log loss, or highest AUC")
 
 
 class EvaluateConfig(_Section):

@@ -2,10 +2,13 @@
 
 ``Optimization`` is Adam with a per-epoch learning-rate schedule, gradient clipping and, on CUDA only, autocast
 (bf16 where the GPU has it, else fp16 with a gradient scaler); on the CPU training stays in float32. ``fit`` runs
-the epochs: train, validate, keep ``last.pt`` every epoch and ``best.pt`` when the validation loss improves, and
-write ``config.yaml`` and ``metrics.json`` beside them. With ``resume`` it restores the weights, optimizer, scaler,
-epoch (and so the learning-rate schedule, a function of the epoch), best loss, history and RNG state from
-``last.pt`` and goes on from the next epoch: the run ends exactly where an uninterrupted one would.
+the epochs: train, validate, keep ``last.pt`` every epoch and ``best.pt`` when the validation number the stage
+selects by (``select``: the loss by default, as in the paper, or an AUC) improves, and write ``config.yaml`` and
+``metrics.json`` beside them. With ``max_minutes`` the first epoch sets the pace: the stage runs as many of its
+epochs as fit in the budget (``planned_epochs`` in the metrics) and the schedule spans those. With ``resume`` it
+restores the weights, optimizer, scaler, epoch (and so the learning-rate schedule, a function of the epoch), best
+loss, history and RNG state from ``last.pt`` and goes on from the next epoch: the run ends exactly where an
+uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class Optimization:
     def __init__(self, parameters: Iterable[nn.Parameter], config: OptimConfig, device: torch.device):
         self.parameters = [p for p in parameters if p.requires_grad]
         self.config = config
+        self.epochs = config.epochs
+        """The epochs the schedule spans: ``config.epochs``, or fewer where a time budget plans fewer."""
         self.optimizer = torch.optim.Adam(self.parameters, lr=config.lr, weight_decay=config.weight_decay)
         self.amp_dtype: torch.dtype | None = None
         if device.type == "cuda" and config.amp:
@@ -66,11 +71,11 @@ class Optimization:
 
     def start_epoch(self, epoch: int) -> float:
         """Set and return the learning rate of ``epoch`` (1-based), a function of the epoch and the config alone:
-        cosine from ``lr`` towards 0 over ``epochs``, a step decay by ``gamma`` every ``step_epochs``, or constant.
+        cosine from ``lr`` towards 0 over ``self.epochs``, a step decay by ``gamma`` every ``step_epochs``, or constant.
         A resumed run therefore needs no scheduler state, and extending ``epochs`` stretches the schedule."""
         config = self.config
         if config.schedule == "cosine":
-            factor = 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / config.epochs))
+            factor = 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / self.epochs))
         elif config.schedule == "step":
             factor = config.gamma ** ((epoch - 1) // config.step_epochs)
         else:
@@ -117,12 +122,17 @@ def fit(
 ) -> TrainState:
     """Train ``module`` (the unwrapped stage whose weights are saved) for the configured epochs; returns the state
     after the last epoch. ``state`` describes the run (stage, model, preprocessing, inputs, extra)."""
-    epochs = optimization.config.epochs
+    section = optimization.config
     if resume:
         state = _resume(run, state, module, optimization)
+        if section.max_minutes is not None and "planned_epochs" in state.extra:
+            optimization.epochs = min(section.epochs, state.extra["planned_epochs"])
     if processes.is_main:
         save_train_config(config, run / "config.yaml")
-    for epoch in range(state.epoch + 1, epochs + 1):
+    run_started, first = time.monotonic(), state.epoch
+    epoch = state.epoch
+    while epoch < optimization.epochs:
+        epoch += 1
         started = time.monotonic()
         lr = optimization.start_epoch(epoch)
         train_loss, extra = train_epoch(epoch)
@@ -134,10 +144,13 @@ def fit(
         record = {"epoch": epoch, "lr": lr, "train_loss": float(train_loss),
                   **{key: None if value is None else float(value) for key, value in validation.items()},
                   "seconds": round(time.monotonic() - started, 1)}
+        best = next((h for h in state.history if h["epoch"] == state.best_epoch), None)
         state.history.append(record)
-        improved = val_loss < state.best_val_loss
+        improved = best is None or _better(section.select, record.get(section.select), best.get(section.select))
         if improved:
             state.best_val_loss, state.best_epoch = val_loss, epoch
+        if section.max_minutes is not None and "planned_epochs" not in state.extra:
+            _plan(optimization, state, epoch, epoch - first, time.monotonic() - run_started, processes)
         state.epoch = epoch
         state.weights = {name: t.detach().cpu().clone() for name, t in module.state_dict().items()}
         dicts = optimization.state_dicts()
@@ -145,11 +158,38 @@ def fit(
         state.rng = rng_state()
         if processes.is_main:
             _save(run, state, improved)
-            logger.info("%s epoch %d/%d: %s%s", state.stage, epoch, epochs,
+            logger.info("%s epoch %d/%d: %s%s", state.stage, epoch, optimization.epochs,
                         ", ".join(f"{k} {_short(v)}" for k, v in record.items() if k != "epoch"),
                         " (best)" if improved else "")
         processes.barrier()
     return state
+
+
+def _better(select: str, value: float | None, best: float | None) -> bool:
+    """Whether ``value`` of the ``select`` number beats ``best``: higher for an AUC, lower for a loss; a missing value
+    (an AUC of a validation set with one class) never does."""
+    if value is None or not math.isfinite(value):
+        return False
+    if best is None or not math.isfinite(best):
+        return True
+    return value > best if select.endswith("auc") else value < best
+
+
+def _plan(optimization: Optimization, state: TrainState, epoch: int, done: int, seconds: float,
+          processes: Processes) -> None:
+    """After ``epoch``, fit the epochs into ``max_minutes`` at the pace of the ``done`` epochs this run trained in
+    ``seconds`` (the same count on every process: the slowest one's pace)."""
+    if processes.distributed:
+        seconds = max(processes.gather(seconds))
+    budget = optimization.config.max_minutes * 60.0
+    per_epoch = seconds / max(done, 1)
+    fit = epoch + int(max(budget - seconds, 0.0) // max(per_epoch, 1e-6))
+    planned = max(epoch, min(optimization.config.epochs, fit))
+    state.extra["planned_epochs"] = planned
+    optimization.epochs = planned
+    if processes.is_main:
+        logger.info("%s: %d of %d epochs fit in %.4g min at %.0f s an epoch", state.stage, planned,
+                    optimization.config.epochs, optimization.config.max_minutes, per_epoch)
 
 
 def _resume(run: Path, state: TrainState, module: nn.Module, optimization: Optimization) -> TrainState:

@@ -1,0 +1,98 @@
+"""The epoch loop: which epoch best.pt keeps (``select``) and how a time budget (``max_minutes``) plans the epochs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from training import loop
+from training.config import Stage1Config, TrainConfig
+from training.distributed import Processes
+from training.state import TrainState, load_state
+
+ALONE = Processes(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+class Clock:
+    """A monotonic clock the test moves: each training epoch takes ``epoch_seconds``."""
+
+    def __init__(self, epoch_seconds: float) -> None:
+        self.now, self.epoch_seconds = 1000.0, epoch_seconds
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _fit(run: Path, section: Stage1Config, validations: list[dict[str, float | None]], clock: Clock,
+         monkeypatch: pytest.MonkeyPatch, resume: bool = False) -> tuple[TrainState, list[float]]:
+    monkeypatch.setattr(loop.time, "monotonic", clock)
+    module = nn.Linear(2, 1)
+    optimization = loop.Optimization(module.parameters(), section, torch.device("cpu"))
+    rates: list[float] = []
+
+    def train_epoch(epoch: int) -> tuple[float, dict]:
+        rates.append(optimization.optimizer.param_groups[0]["lr"])
+        clock.now += clock.epoch_seconds
+        return 1.0 / epoch, {}
+
+    def validate() -> dict[str, float | None]:
+        return validations[len(rates) - 1]
+
+    state = TrainState(stage="stage1", model_name="m", model_config={}, preprocess={},
+                       weights=module.state_dict())
+    state = loop.fit(run, state, module, optimization, train_epoch, validate,
+                     TrainConfig(stage1=section), ALONE, resume=resume)
+    return state, rates
+
+
+VALIDATIONS = [
+    {"val_loss": 0.50, "val_image_auc": 0.60, "val_study_auc": 0.55},
+    {"val_loss": 0.40, "val_image_auc": 0.70, "val_study_auc": 0.60},  # lowest loss
+    {"val_loss": 0.45, "val_image_auc": 0.85, "val_study_auc": 0.80},  # highest AUCs
+    {"val_loss": 0.47, "val_image_auc": None, "val_study_auc": 0.70},  # an AUC that could not be computed
+]
+
+
+def test_best_is_the_epoch_of_lowest_validation_loss_by_default(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    state, _ = _fit(tmp_path, Stage1Config(epochs=4, lr=1e-3), VALIDATIONS, Clock(1.0), monkeypatch)
+    assert (state.best_epoch, state.best_val_loss) == (2, 0.40)
+    assert load_state(tmp_path / "best.pt").epoch == 2
+
+
+@pytest.mark.parametrize("select", ["val_image_auc", "val_study_auc"])
+def test_select_by_auc_keeps_the_epoch_of_highest_auc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      select: str) -> None:
+    section = Stage1Config(epochs=4, lr=1e-3, select=select)
+    state, _ = _fit(tmp_path, section, VALIDATIONS, Clock(1.0), monkeypatch)
+    assert state.best_epoch == 3
+    assert state.best_val_loss == 0.45  # the loss recorded is the best epoch's
+    assert load_state(tmp_path / "best.pt").epoch == 3
+
+
+def test_a_time_budget_plans_the_epochs_that_fit_and_the_schedule_spans_them(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    section = Stage1Config(epochs=10, lr=1e-3, max_minutes=3.5)  # 60 s an epoch: 3 of 10 fit
+    state, rates = _fit(tmp_path, section, VALIDATIONS, Clock(60.0), monkeypatch)
+    assert state.epoch == 3 and state.extra["planned_epochs"] == 3
+    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * (e - 1) / 3)) for e in (1, 2, 3)]
+    assert rates == pytest.approx(expected)  # the cosine reaches its last step over 3 epochs, not 10
+
+
+def test_a_budget_larger_than_the_epochs_runs_them_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    section = Stage1Config(epochs=4, lr=1e-3, max_minutes=60.0)
+    state, _ = _fit(tmp_path, section, VALIDATIONS, Clock(60.0), monkeypatch)
+    assert state.epoch == 4 and state.extra["planned_epochs"] == 4
+
+
+def test_a_resumed_run_keeps_the_planned_epochs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    section = Stage1Config(epochs=10, lr=1e-3, max_minutes=2.5)  # 2 of 10 at 60 s an epoch
+    state, _ = _fit(tmp_path, section, VALIDATIONS, Clock(60.0), monkeypatch)
+    assert state.epoch == 2
+    # Resumed on a machine ten times faster: the plan stands, so the run is already complete.
+    resumed, rates = _fit(tmp_path, section, VALIDATIONS, Clock(6.0), monkeypatch, resume=True)
+    assert resumed.epoch == 2 and rates == []
