@@ -82,8 +82,8 @@ def start(device: str = "auto", threads: int | None = None) -> Processes:
     if not 0 <= rank < world_size:
         raise ValueError(f"RANK {rank} is outside WORLD_SIZE {world_size}")
     resolved = resolve_device(device)
-    if resolved.type == "cuda" and world_size > 1:
-        resolved = torch.device("cuda", local_rank)
+    if resolved.type == "cuda" and (world_size > 1 or resolved.index is None):
+        resolved = torch.device("cuda", local_rank)  # set_device needs an index: "cuda" alone is refused
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(local_world, 1)))
