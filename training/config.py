@@ -125,8 +125,8 @@ class OptimConfig(_Section):
     amp: bool = Field(True, description="autocast on CUDA (bf16 if supported, else fp16 with loss scaling)")
     max_minutes: float | None = Field(
         None, gt=0.0,
-        description="time budget: after the first epoch the stage runs as many of its epochs as fit in this many "
-        "minutes at that epoch's pace, and the schedule spans those; null: all epochs")
+        description="time budget: after the first and again after the second epoch the stage plans as many of its "
+        "epochs as fit in this many minutes at the latest epoch's pace, and the schedule spans those; null: all")
     select: str = Field("val_loss", description="the validation number that picks best.pt")
 
 

@@ -4,7 +4,7 @@
 (bf16 where the GPU has it, else fp16 with a gradient scaler); on the CPU training stays in float32. ``fit`` runs
 the epochs: train, validate, keep ``last.pt`` every epoch and ``best.pt`` when the validation number the stage
 selects by (``select``: the loss by default, as in the paper, or an AUC) improves, and write ``config.yaml`` and
-``metrics.json`` beside them. With ``max_minutes`` the first epoch sets the pace: the stage runs as many of its
+``metrics.json`` beside them. With ``max_minutes`` the first two epochs set the pace: the stage runs as many of its
 epochs as fit in the budget (``planned_epochs`` in the metrics) and the schedule spans those. With ``resume`` it
 restores the weights, optimizer, scaler, epoch (and so the learning-rate schedule, a function of the epoch), best
 loss, history and RNG state from ``last.pt`` and goes on from the next epoch: the run ends exactly where an
@@ -129,7 +129,6 @@ def fit(
             optimization.epochs = min(section.epochs, state.extra["planned_epochs"])
     if processes.is_main:
         save_train_config(config, run / "config.yaml")
-    run_started, first = time.monotonic(), state.epoch
     epoch = state.epoch
     while epoch < optimization.epochs:
         epoch += 1
@@ -149,8 +148,8 @@ def fit(
         improved = best is None or _better(section.select, record.get(section.select), best.get(section.select))
         if improved:
             state.best_val_loss, state.best_epoch = val_loss, epoch
-        if section.max_minutes is not None and "planned_epochs" not in state.extra:
-            _plan(optimization, state, epoch, epoch - first, time.monotonic() - run_started, processes)
+        if section.max_minutes is not None and epoch <= 2:
+            _plan(optimization, state, epoch, processes)
         state.epoch = epoch
         state.weights = {name: t.detach().cpu().clone() for name, t in module.state_dict().items()}
         dicts = optimization.state_dicts()
@@ -175,21 +174,21 @@ def _better(select: str, value: float | None, best: float | None) -> bool:
     return value > best if select.endswith("auc") else value < best
 
 
-def _plan(optimization: Optimization, state: TrainState, epoch: int, done: int, seconds: float,
-          processes: Processes) -> None:
-    """After ``epoch``, fit the epochs into ``max_minutes`` at the pace of the ``done`` epochs this run trained in
-    ``seconds`` (the same count on every process: the slowest one's pace)."""
+def _plan(optimization: Optimization, state: TrainState, epoch: int, processes: Processes) -> None:
+    """After ``epoch`` (the first or the second), fit the epochs into ``max_minutes`` at the pace of the latest one:
+    the first sets a plan, the second, clear of the start-up (loader workers, cuDNN autotuning), corrects it. The
+    same count on every process (the slowest one's figures), and the same after a resume (the time is the history's)."""
+    spent, pace = sum(h["seconds"] for h in state.history), state.history[-1]["seconds"]
     if processes.distributed:
-        seconds = max(processes.gather(seconds))
+        spent, pace = (max(values) for values in zip(*processes.gather((spent, pace)), strict=True))
     budget = optimization.config.max_minutes * 60.0
-    per_epoch = seconds / max(done, 1)
-    fit = epoch + int(max(budget - seconds, 0.0) // max(per_epoch, 1e-6))
+    fit = epoch + int(max(budget - spent, 0.0) // max(pace, 1e-3))
     planned = max(epoch, min(optimization.config.epochs, fit))
     state.extra["planned_epochs"] = planned
     optimization.epochs = planned
     if processes.is_main:
-        logger.info("%s: %d of %d epochs fit in %.4g min at %.0f s an epoch", state.stage, planned,
-                    optimization.config.epochs, optimization.config.max_minutes, per_epoch)
+        logger.info("%s: %d of %d epochs fit in %.4g min at %.1f s an epoch", state.stage, planned,
+                    optimization.config.epochs, optimization.config.max_minutes, pace)
 
 
 def _resume(run: Path, state: TrainState, module: nn.Module, optimization: Optimization) -> TrainState:

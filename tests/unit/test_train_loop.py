@@ -18,10 +18,14 @@ ALONE = Processes(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")
 
 
 class Clock:
-    """A monotonic clock the test moves: each training epoch takes ``epoch_seconds``."""
+    """A monotonic clock the test moves: training epoch N takes ``epoch_seconds[N - 1]`` (the last one after)."""
 
-    def __init__(self, epoch_seconds: float) -> None:
-        self.now, self.epoch_seconds = 1000.0, epoch_seconds
+    def __init__(self, *epoch_seconds: float) -> None:
+        self.now, self.epoch_seconds, self.epochs = 1000.0, epoch_seconds, 0
+
+    def tick(self) -> None:
+        self.now += self.epoch_seconds[min(self.epochs, len(self.epoch_seconds) - 1)]
+        self.epochs += 1
 
     def __call__(self) -> float:
         return self.now
@@ -36,7 +40,7 @@ def _fit(run: Path, section: Stage1Config, validations: list[dict[str, float | N
 
     def train_epoch(epoch: int) -> tuple[float, dict]:
         rates.append(optimization.optimizer.param_groups[0]["lr"])
-        clock.now += clock.epoch_seconds
+        clock.tick()
         return 1.0 / epoch, {}
 
     def validate() -> dict[str, float | None]:
@@ -81,6 +85,15 @@ def test_a_time_budget_plans_the_epochs_that_fit_and_the_schedule_spans_them(tmp
     assert state.epoch == 3 and state.extra["planned_epochs"] == 3
     expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * (e - 1) / 3)) for e in (1, 2, 3)]
     assert rates == pytest.approx(expected)  # the cosine reaches its last step over 3 epochs, not 10
+
+
+def test_the_second_epoch_corrects_a_plan_the_slow_first_one_made(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first epoch carries the start-up (120 s), the others take 60 s: after it 2 fit in 5 minutes, after the
+    # second 4 (120 + 60 spent, 120 s left for two more).
+    section = Stage1Config(epochs=10, lr=1e-3, max_minutes=5.0)
+    state, _ = _fit(tmp_path, section, VALIDATIONS * 2, Clock(120.0, 60.0), monkeypatch)
+    assert state.epoch == 4 and state.extra["planned_epochs"] == 4
 
 
 def test_a_budget_larger_than_the_epochs_runs_them_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
