@@ -83,6 +83,8 @@ class ModelSection(_Section):
     attention_dim: int = 128
     dropout: float = 0.0
     drop_path_rate: float = 0.0
+    study_norm: bool = Field(False, description="layer normalization of the pooled study features before the exam "
+                             "head (not in the paper; pe_node.model.sequence says why)")
 
     @field_validator("backbone")
     @classmethod

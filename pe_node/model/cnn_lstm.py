@@ -29,6 +29,7 @@ class ModelConfig:
     pooling: str = Pooling.ATTENTION.value
     dropout: float = 0.0
     drop_path_rate: float = 0.0
+    study_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("lstm_hidden", "lstm_layers", "dense_dim", "attention_dim"):
@@ -73,6 +74,7 @@ class PEModel(nn.Module):
             attention_dim=config.attention_dim,
             pooling=config.pooling,
             dropout=config.dropout,
+            study_norm=config.study_norm,
         )
 
     @property

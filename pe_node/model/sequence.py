@@ -73,6 +73,7 @@ class SequenceModel(nn.Module):
         attention_dim: int = 128,
         pooling: Pooling | str = Pooling.ATTENTION,
         dropout: float = 0.0,
+        study_norm: bool = False,
     ):
         super().__init__()
         try:
@@ -92,6 +93,11 @@ class SequenceModel(nn.Module):
         self.dense = nn.Sequential(nn.Linear(2 * lstm_hidden, dense_dim), nn.ReLU(), nn.Dropout(dropout))
         self.attention = AttentionPool(dense_dim, attention_dim) if self.pooling is Pooling.ATTENTION else None
         self.image_head = nn.Linear(dense_dim, 1)
+        # The pooled z of the dense layer's ReLU features is all positive, with a common part that the negative
+        # studies' gradients (the larger share of the RSNA loss) push the exam head along: positive studies, whose
+        # features are larger, then score as more negative, until the head finds the direction that separates them.
+        # On weak signals it may never get there; layer normalization of z takes the common part out.
+        self.study_norm = nn.LayerNorm(dense_dim) if study_norm else nn.Identity()
         self.exam_head = nn.Linear(dense_dim, len(EXAM_LABELS))
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> SequenceOutput:
@@ -106,7 +112,8 @@ class SequenceModel(nn.Module):
         slices = self.dense(encoded) * mask[..., None]
         study, attention = self._pool(slices, mask, lengths)
         image = self.image_head(slices).squeeze(-1).masked_fill(~mask, 0.0)
-        return SequenceOutput(image=image, exam=self.exam_head(study), attention=attention, study=study, slices=slices)
+        exam = self.exam_head(self.study_norm(study))
+        return SequenceOutput(image=image, exam=exam, attention=attention, study=study, slices=slices)
 
     def _pool(
         self, slices: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor
