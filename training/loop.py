@@ -182,8 +182,8 @@ def _plan(optimization: Optimization, state: TrainState, epoch: int, processes: 
     if processes.distributed:
         spent, pace = (max(values) for values in zip(*processes.gather((spent, pace)), strict=True))
     budget = optimization.config.max_minutes * 60.0
-    fit = epoch + int(max(budget - spent, 0.0) // max(pace, 1e-3))
-    planned = max(epoch, min(optimization.config.epochs, fit))
+    fits = epoch + int(max(budget - spent, 0.0) // max(pace, 1e-3))
+    planned = max(epoch, min(optimization.config.epochs, fits))
     state.extra["planned_epochs"] = planned
     optimization.epochs = planned
     if processes.is_main:

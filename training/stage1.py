@@ -2,9 +2,9 @@
 
 Each slice's targets are its own ``pe_present_on_image`` and the nine exam labels of its study, scored with
 ``pe_node.model.slice_loss``. The encoder is the ``SliceEncoder`` of the configured ``pe_node`` model, so the weights
-load straight into the served model. The validation loss (over every slice of the validation studies, or their positives
-and a fixed subset of negatives) selects ``best.pt``; the image-level AUC and the study-level AUC of the CNN alone (a
-study's highest image probability, the paper's baseline 1) are logged beside it.
+load straight into the served model. Validation reads every slice of the validation studies, or their positives and a
+fixed subset of negatives: its loss selects ``best.pt`` (or, with ``select``, the image-level AUC or the study-level
+AUC of the CNN alone, a study's highest image probability and the paper's baseline 1); all three are logged.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Stage 2: the sequence model trained on stage-1 embeddings of whole studies with the RSNA loss (section 2.3).
 
-The BiLSTM + dense + pooling of ``pe_node.model.SequenceModel`` reads each study's embeddings in slice order and
-is scored with ``pe_node.model.rsna_loss`` on padded, masked batches. ``pooling`` picks the paper's attention MIL
+The BiLSTM + dense + pooling of ``pe_node.model.SequenceModel`` reads each study's embeddings in slice order and is
+scored with ``pe_node.model.rsna_loss`` on padded, masked batches. ``pooling`` picks the paper's attention MIL
 pooling or plain mean pooling (its baseline 2, the CNN-LSTM without attention): the same code trains both. The
-validation loss (the mean of the studies' RSNA losses) selects ``best.pt``; the competition's weighted log loss and
-the study PE AUC of the study head are logged beside it. The training split's label prevalence is kept in the
-checkpoint: the constant-prediction baseline of the evaluation.
+validation loss (the mean of the studies' RSNA losses) selects ``best.pt``, or with ``select`` one of the numbers
+logged beside it: the competition's weighted log loss and the study PE AUC of the study head. The training split's
+label prevalence is kept in the checkpoint: the constant-prediction baseline of the evaluation.
 """
 
 from __future__ import annotations
