@@ -138,7 +138,10 @@ class Stage1Config(OptimConfig):
     Each epoch takes, from every training study, its positive slices (at most ``positives_per_study``, null: all) and
     ``negatives_per_study`` random negative slices (null: all), drawn ``uniform``-ly over the scan or ``matched`` to
     where positives lie (``training.data``); ``within`` takes the matched negatives from the studies with positive
-    slices alone, so that positives and negatives come from the same patients. ``sampling: study`` makes each batch from
+    slices alone, so that positives and negatives come from the same patients. ``background_negatives`` adds, from
+    every study (negative ones too), that many more negatives drawn uniformly over the whole scan, so that stage 1 also
+    sees the apices, the bases and the mimics of studies without emboli that a study-level maximum runs over.
+    ``sampling: study`` makes each batch from
     one study, as in the paper; ``mixed`` mixes studies in a batch. ``image_weight`` is the image label's weight in
     ``pe_node.model.slice_loss`` (default: the RSNA weight, the paper's loss; the nine exam labels weigh about 1 in
     all); raising it makes stage 1 learn what shows on each slice rather than which patient a slice belongs to.
@@ -156,6 +159,7 @@ class Stage1Config(OptimConfig):
     positives_per_study: int | None = Field(None, ge=1)
     negatives_per_study: int | None = Field(16, ge=1)
     negatives: Literal["uniform", "matched", "within"] = "uniform"
+    background_negatives: int = Field(0, ge=0, description="uniform negatives more from every study, per epoch")
     val_negatives_per_study: int | None = Field(None, ge=1)
     loader_workers: int = Field(0, ge=0, le=64)
     select: Literal["val_loss", "val_image_auc", "val_study_auc"] = Field(

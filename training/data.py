@@ -7,7 +7,9 @@ the epoch on negatives); ``sampling="study"`` cuts each study's draw into batche
 uniformly a network can score slices by where they are instead of by what they show; ``negatives="matched"``
 draws the negatives from the positions where the training set's positives lie (``position_profile``).
 ``negatives="within"`` draws them so from the studies with positive slices only: then a slice's patient (an enlarged
-heart that comes with emboli, say) says nothing about its label, and only what shows on it does. The plan of an
+heart that comes with emboli, say) says nothing about its label, and only what shows on it does.
+``background_negatives`` adds a few negatives drawn uniformly from every study, those without emboli too, so that
+the rest of the scan (where a study-level maximum finds its false positives) is not unseen. The plan of an
 epoch depends only on (seed, epoch), so a resumed run and a run on several processes see the same batches.
 
 Stage 2 reads whole studies: embeddings [T, D] of different lengths, padded at the end into [B, T, D] with a mask
@@ -90,19 +92,24 @@ def _draw(study: CachedStudy, config: Stage1Config, rng: np.random.Generator,
           profile: np.ndarray | None) -> np.ndarray:
     """The slices of one study for one epoch: its positives (all, or a random few) and random negatives, drawn
     uniformly or, with a position ``profile``, where positives usually lie; none of a study without positives when
-    negatives are drawn ``within``."""
+    negatives are drawn ``within``; then ``background_negatives`` more of the rest, uniformly."""
     positives = np.flatnonzero(study.image)
-    if config.negatives == "within" and not len(positives):
-        return positives.astype(np.int64)
-    negatives = np.flatnonzero(study.image == 0)
-    if config.positives_per_study is not None and len(positives) > config.positives_per_study:
-        positives = rng.choice(positives, config.positives_per_study, replace=False)
-    if config.negatives_per_study is not None and len(negatives) > config.negatives_per_study:
-        weights = None
-        if profile is not None:
-            weights = profile[_bin(negatives, study.slices, len(profile))]
-            weights = weights / weights.sum()
-        negatives = rng.choice(negatives, config.negatives_per_study, replace=False, p=weights)
+    candidates = np.flatnonzero(study.image == 0)
+    negatives = candidates[:0]
+    if config.negatives != "within" or len(positives):
+        negatives = candidates
+        if config.positives_per_study is not None and len(positives) > config.positives_per_study:
+            positives = rng.choice(positives, config.positives_per_study, replace=False)
+        if config.negatives_per_study is not None and len(negatives) > config.negatives_per_study:
+            weights = None
+            if profile is not None:
+                weights = profile[_bin(negatives, study.slices, len(profile))]
+                weights = weights / weights.sum()
+            negatives = rng.choice(negatives, config.negatives_per_study, replace=False, p=weights)
+    if config.background_negatives:
+        rest = np.setdiff1d(candidates, negatives)
+        extra = rng.choice(rest, min(config.background_negatives, len(rest)), replace=False)
+        negatives = np.concatenate([negatives, extra])
     return np.sort(np.concatenate([positives, negatives])).astype(np.int64)
 
 

@@ -139,3 +139,19 @@ def test_within_negatives_come_from_the_positive_studies_alone() -> None:
         taken = [k for s, k in drawn if s == index]
         assert sorted(k for k in taken if study.image[k]) == np.flatnonzero(study.image).tolist()
         assert sum(1 for k in taken if not study.image[k]) == 4
+
+
+def test_background_negatives_come_from_every_study_and_span_the_scan() -> None:
+    studies = [_study(f"n{i}", []) for i in range(20)] + [_study("p", list(range(16, 24)))]
+    config = Stage1Config(batch_size=8, negatives_per_study=4, negatives="within", background_negatives=3,
+                          sampling="mixed")
+    drawn = _drawn(epoch_batches(studies, config, seed=0, epoch=1))
+    assert {s for s, _ in drawn} == set(range(21)), "every study gives background negatives"
+    for index in range(20):
+        assert sum(1 for s, _ in drawn if s == index) == 3
+    positive = [k for s, k in drawn if s == 20]
+    assert len(positive) == 8 + 4 + 3 and len(set(positive)) == len(positive), "no slice drawn twice"
+    background = [k for s, k in drawn if s < 20]
+    assert min(background) < 10 and max(background) > 30, "drawn over the whole scan, not where emboli lie"
+    without = Stage1Config(batch_size=8, negatives_per_study=4, negatives="within", sampling="mixed")
+    assert {s for s, _ in _drawn(epoch_batches(studies, without, seed=0, epoch=1))} == {20}
