@@ -34,6 +34,7 @@ from training.distributed import start, stop
 from training.evaluate import evaluate
 from training.export import export
 from training.features import FeatureSet, extract_features
+from training.loop import best_summary
 from training.stage1 import train_stage1
 from training.stage2 import train_stage2
 
@@ -158,8 +159,8 @@ def _stage(args: argparse.Namespace, config: TrainConfig, command: list[str]) ->
                              not args.quiet)
             return
         if processes.is_main:
-            print(f"{args.command}: best val loss {state.best_val_loss:.4f} at epoch {state.best_epoch} of "
-                  f"{state.epoch}; {args.out / 'best.pt'}")
+            select = getattr(config, args.command).select
+            print(f"{args.command}: {best_summary(state, select)}; {args.out / 'best.pt'}")
     finally:
         stop(processes)
 

@@ -229,3 +229,12 @@ def _short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "-" if value is None else str(value)
+
+
+def best_summary(state: TrainState, select: str) -> str:
+    """One line on the epoch that best.pt holds, named by the number that chose it."""
+    best = next((h for h in state.history if h["epoch"] == state.best_epoch), None)
+    where = f"at epoch {state.best_epoch} of {state.epoch}"
+    if select == "val_loss" or best is None or best.get(select) is None:
+        return f"best val loss {state.best_val_loss:.4f} {where}"
+    return f"best {select.replace('_', ' ')} {best[select]:.4f} {where} (val loss {state.best_val_loss:.4f})"

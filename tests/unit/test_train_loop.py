@@ -109,3 +109,12 @@ def test_a_resumed_run_keeps_the_planned_epochs(tmp_path: Path, monkeypatch: pyt
     # Resumed on a machine ten times faster: the plan stands, so the run is already complete.
     resumed, rates = _fit(tmp_path, section, VALIDATIONS, Clock(6.0), monkeypatch, resume=True)
     assert resumed.epoch == 2 and rates == []
+
+
+def test_the_summary_names_the_number_that_chose_best_pt() -> None:
+    state = TrainState("stage1", "pe_cnn_lstm", {}, {}, {}, epoch=3, best_epoch=2, best_val_loss=0.41,
+                       history=[{"epoch": 1, "val_loss": 0.40, "val_study_auc": 0.70},
+                                {"epoch": 2, "val_loss": 0.41, "val_study_auc": 0.93},
+                                {"epoch": 3, "val_loss": 0.45, "val_study_auc": 0.90}])
+    assert loop.best_summary(state, "val_study_auc") == "best val study auc 0.9300 at epoch 2 of 3 (val loss 0.4100)"
+    assert loop.best_summary(state, "val_loss") == "best val loss 0.4100 at epoch 2 of 3"
