@@ -89,12 +89,17 @@ def _evaluation(path: Path) -> dict[str, Any]:
 
 
 SOURCE_COMMIT_VARIABLE = "PE_NODE_SOURCE_COMMIT"
-"""Names the commit of a source copy that has no ``.git`` (a container build, a tree copied to a GPU machine)."""
+"""Names the commit of a copy of the source tree (a container build, a tree copied to a GPU machine); when set it
+wins over what git says there."""
 
 
 def _git(root: Path | None = None) -> dict[str, Any]:
-    """The commit of the code that exported (and whether the working tree had changes), if git knows it; in a copy
-    without ``.git``, the commit that ``PE_NODE_SOURCE_COMMIT`` names, marked as such."""
+    """The commit of the code that exported (and whether the working tree had changes), if git knows it; when
+    ``PE_NODE_SOURCE_COMMIT`` is set, the commit it names instead, marked as such: a copy of the tree (a container
+    build, a tree copied to a GPU machine) may carry no ``.git``, or a stale one that names an older commit."""
+    named = os.environ.get(SOURCE_COMMIT_VARIABLE, "").strip()
+    if named:
+        return {"git_commit": named, "from": f"{SOURCE_COMMIT_VARIABLE} (a copy of the tree)"}
     root = root or Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -102,8 +107,5 @@ def _git(root: Path | None = None) -> dict[str, Any]:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        named = os.environ.get(SOURCE_COMMIT_VARIABLE, "").strip()
-        if named:
-            return {"git_commit": named, "from": f"{SOURCE_COMMIT_VARIABLE} (a copy of the tree without .git)"}
         return {"git_commit": None}
     return {"git_commit": commit, "uncommitted_changes": bool(dirty)}
