@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# Make the demo weights models/pe-demo.pt from synthetic CTPA phantoms: every step of the model card, timed.
+# Train demo weights from synthetic CTPA phantoms: every step of the model card (models/README.md), timed.
 #
 #   training/demo.sh [WORK]        (WORK: where data, caches, runs and the report go; default runs/demo)
 #
-# Environment: CONFIG (training/configs/demo.yaml), OUT (models/pe-demo.pt), STUDIES (training phantoms, 900),
-# TEST_STUDIES (held-out phantoms, 80), WORKERS (phantom-writing processes, 2), PE_TRAIN (the pe-train command).
-# About 95 minutes on two CPU cores with demo.yaml (models/README.md has the timings); a CUDA GPU is used when
-# present (device: auto), and training/configs/demo-gpu.yaml sizes the demo for one GPU with 16 cores beside it.
-# The same commands train on the real RSNA-STR data set: point `prepare --data` at it instead of the phantoms and
-# raise the sizes in the config.
+# Environment: CONFIG (training/configs/demo.yaml), OUT (WORK/pe-demo.pt; OUT=models/pe-demo.pt replaces the
+# shipped weights), STUDIES (training phantoms, 900), TEST_STUDIES (held-out phantoms, 80), WORKERS
+# (phantom-writing processes, 2), PE_TRAIN (the pe-train command).
+# The shipped weights come from `CONFIG=training/configs/demo-gpu.yaml STUDIES=1000 WORKERS=16` on one GPU (about
+# nine minutes on an H200); demo.yaml, the default, is the same recipe sized for two CPU cores (about 75 minutes,
+# weaker weights). A CUDA GPU is used when present (device: auto). The same commands train on the real RSNA-STR
+# data set: point `prepare --data` at it instead of the phantoms and raise the sizes in the config.
 set -euo pipefail
 
 WORK=${1:-runs/demo}
 CONFIG=${CONFIG:-training/configs/demo.yaml}
-OUT=${OUT:-models/pe-demo.pt}
+OUT=${OUT:-$WORK/pe-demo.pt}
 PE_TRAIN=${PE_TRAIN:-pe-train}
 STUDIES=${STUDIES:-900}
 TEST_STUDIES=${TEST_STUDIES:-80}

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from pe_node.config import load_config
-from pe_node.demo import make_phantom
+from pe_node.demo import SIZE, SLICES, make_phantom
 from pe_node.findings import EXAM_LABELS
 from pe_node.model import Predictor, check, load_checkpoint
 from pe_node.pipeline.series import load_series
 from pe_node.reporting.outcome import exam_probability
+from training.phantoms import ExamClass, exam_class, plan_study, write_study
 
 REPO = Path(__file__).resolve().parents[2]
 CHECKPOINT = REPO / "models" / "pe-demo.pt"
@@ -57,3 +58,15 @@ def test_demo_weights_analyse_the_phantom_make_demo_sends(tmp_path: Path) -> Non
     assert check(np.array([prediction.exam[label] for label in EXAM_LABELS]), prediction.image) == []
     assert 0.0 <= exam_probability(prediction) <= 1.0
     assert len(prediction.cams) == 2
+
+
+def test_demo_weights_tell_the_make_demo_phantom_from_a_phantom_without_emboli(tmp_path: Path) -> None:
+    loaded = load_checkpoint(CHECKPOINT)
+    predictor = Predictor(loaded.model, loaded.preprocess)
+    positive, _ = make_phantom(tmp_path / "positive", seed=2026)
+    index = next(i for i in range(40) if exam_class(2026, i) is ExamClass.NEGATIVE)
+    write_study(plan_study(2026, index, slices=SLICES, size=SIZE), tmp_path / "negative")
+    found = predictor.predict(load_series(positive))
+    clean = predictor.predict(load_series(sorted((tmp_path / "negative").rglob("*.dcm"))))
+    assert exam_probability(found) > 0.9 and found.exam["negative_exam_for_pe"] < 0.5
+    assert exam_probability(clean) <= 0.5 < clean.exam["negative_exam_for_pe"]
