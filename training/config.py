@@ -141,10 +141,10 @@ class Stage1Config(OptimConfig):
     slices alone, so that positives and negatives come from the same patients. ``background_negatives`` adds, from
     every study (negative ones too), that many more negatives drawn uniformly over the whole scan, so that stage 1 also
     sees the apices, the bases and the mimics of studies without emboli that a study-level maximum runs over.
-    ``sampling: study`` makes each batch from
-    one study, as in the paper; ``mixed`` mixes studies in a batch. ``image_weight`` is the image label's weight in
-    ``pe_node.model.slice_loss`` (default: the RSNA weight, the paper's loss; the nine exam labels weigh about 1 in
-    all); raising it makes stage 1 learn what shows on each slice rather than which patient a slice belongs to.
+    ``sampling: study`` makes each batch from one study, as in the paper; ``mixed`` mixes studies in a batch.
+    ``image_weight`` is the image label's weight in ``pe_node.model.slice_loss`` (default: the RSNA weight, the
+    paper's loss; the nine exam labels weigh about 1 in all); raising it makes stage 1 learn what shows on each slice
+    rather than which patient a slice belongs to.
     ``augment`` moves each training slice a little (``training.augment``) for the same reason. Validation reads
     every slice of the validation studies, or their positives and ``val_negatives_per_study`` evenly spaced
     negatives (the same ones every epoch), which makes it cheaper on large sets.
@@ -159,7 +159,7 @@ class Stage1Config(OptimConfig):
     positives_per_study: int | None = Field(None, ge=1)
     negatives_per_study: int | None = Field(16, ge=1)
     negatives: Literal["uniform", "matched", "within"] = "uniform"
-    background_negatives: int = Field(0, ge=0, description="uniform negatives more from every study, per epoch")
+    background_negatives: int = Field(0, ge=0, description="more negatives a study and epoch, from anywhere in it")
     val_negatives_per_study: int | None = Field(None, ge=1)
     loader_workers: int = Field(0, ge=0, le=64)
     select: Literal["val_loss", "val_image_auc", "val_study_auc"] = Field(
