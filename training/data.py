@@ -95,17 +95,15 @@ def _draw(study: CachedStudy, config: Stage1Config, rng: np.random.Generator,
     negatives are drawn ``within``; then ``background_negatives`` more of the rest, uniformly."""
     positives = np.flatnonzero(study.image)
     candidates = np.flatnonzero(study.image == 0)
-    negatives = candidates[:0]
-    if config.negatives != "within" or len(positives):
-        negatives = candidates
-        if config.positives_per_study is not None and len(positives) > config.positives_per_study:
-            positives = rng.choice(positives, config.positives_per_study, replace=False)
-        if config.negatives_per_study is not None and len(negatives) > config.negatives_per_study:
-            weights = None
-            if profile is not None:
-                weights = profile[_bin(negatives, study.slices, len(profile))]
-                weights = weights / weights.sum()
-            negatives = rng.choice(negatives, config.negatives_per_study, replace=False, p=weights)
+    negatives = candidates if config.negatives != "within" or len(positives) else candidates[:0]
+    if config.positives_per_study is not None and len(positives) > config.positives_per_study:
+        positives = rng.choice(positives, config.positives_per_study, replace=False)
+    if config.negatives_per_study is not None and len(negatives) > config.negatives_per_study:
+        weights = None
+        if profile is not None:
+            weights = profile[_bin(negatives, study.slices, len(profile))]
+            weights = weights / weights.sum()
+        negatives = rng.choice(negatives, config.negatives_per_study, replace=False, p=weights)
     if config.background_negatives:
         rest = np.setdiff1d(candidates, negatives)
         extra = rng.choice(rest, min(config.background_negatives, len(rest)), replace=False)

@@ -143,7 +143,7 @@ def fit(
         record = {"epoch": epoch, "lr": lr, "train_loss": float(train_loss),
                   **{key: None if value is None else float(value) for key, value in validation.items()},
                   "seconds": round(time.monotonic() - started, 1)}
-        best = next((h for h in state.history if h["epoch"] == state.best_epoch), None)
+        best = _best_record(state)
         state.history.append(record)
         improved = best is None or _better(section.select, record.get(section.select), best.get(section.select))
         if improved:
@@ -162,6 +162,11 @@ def fit(
                         " (best)" if improved else "")
         processes.barrier()
     return state
+
+
+def _best_record(state: TrainState) -> dict[str, Any] | None:
+    """The history record of the epoch best.pt holds (None before the first epoch)."""
+    return next((h for h in state.history if h["epoch"] == state.best_epoch), None)
 
 
 def _better(select: str, value: float | None, best: float | None) -> bool:
@@ -233,7 +238,7 @@ def _short(value: Any) -> str:
 
 def best_summary(state: TrainState, select: str) -> str:
     """One line on the epoch that best.pt holds, named by the number that chose it."""
-    best = next((h for h in state.history if h["epoch"] == state.best_epoch), None)
+    best = _best_record(state)
     where = f"at epoch {state.best_epoch} of {state.epoch}"
     if select == "val_loss" or best is None or best.get(select) is None:
         return f"best val loss {state.best_val_loss:.4f} {where}"

@@ -6,10 +6,11 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from pe_node.config import load_config
 from pe_node.demo import SIZE, SLICES, make_phantom
-from pe_node.findings import EXAM_LABELS
+from pe_node.findings import EXAM_LABELS, Prediction
 from pe_node.model import Predictor, check, load_checkpoint
 from pe_node.pipeline.series import load_series
 from pe_node.reporting.outcome import exam_probability
@@ -48,11 +49,21 @@ def test_the_card_names_the_preprocessing_the_checkpoint_carries() -> None:
     assert preprocess.crop.value in card
 
 
-def test_demo_weights_analyse_the_phantom_make_demo_sends(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
     loaded = load_checkpoint(CHECKPOINT)
-    files, truth = make_phantom(tmp_path / "phantom", seed=2026)
-    series = load_series(files)
-    prediction = Predictor(loaded.model, loaded.preprocess).predict(series, cam_slices=2)
+    return Predictor(loaded.model, loaded.preprocess)
+
+
+@pytest.fixture(scope="module")
+def demo_phantom(tmp_path_factory: pytest.TempPathFactory, predictor: Predictor) -> tuple[list[Path], str, Prediction]:
+    """The phantom `make demo` sends (seed 2026), its truth note, and the demo weights' prediction of it."""
+    files, truth = make_phantom(tmp_path_factory.mktemp("phantom"), seed=2026)
+    return files, truth, predictor.predict(load_series(files), cam_slices=2)
+
+
+def test_demo_weights_analyse_the_phantom_make_demo_sends(demo_phantom: tuple[list[Path], str, Prediction]) -> None:
+    files, truth, prediction = demo_phantom
     assert "slices with clot" in truth, truth
     assert prediction.image.shape == (len(files),)
     assert check(np.array([prediction.exam[label] for label in EXAM_LABELS]), prediction.image) == []
@@ -60,13 +71,12 @@ def test_demo_weights_analyse_the_phantom_make_demo_sends(tmp_path: Path) -> Non
     assert len(prediction.cams) == 2
 
 
-def test_demo_weights_tell_the_make_demo_phantom_from_a_phantom_without_emboli(tmp_path: Path) -> None:
-    loaded = load_checkpoint(CHECKPOINT)
-    predictor = Predictor(loaded.model, loaded.preprocess)
-    positive, _ = make_phantom(tmp_path / "positive", seed=2026)
+def test_demo_weights_tell_the_make_demo_phantom_from_a_phantom_without_emboli(
+    tmp_path: Path, predictor: Predictor, demo_phantom: tuple[list[Path], str, Prediction]
+) -> None:
     index = next(i for i in range(40) if exam_class(2026, i) is ExamClass.NEGATIVE)
     write_study(plan_study(2026, index, slices=SLICES, size=SIZE), tmp_path / "negative")
-    found = predictor.predict(load_series(positive))
+    found = demo_phantom[2]
     clean = predictor.predict(load_series(sorted((tmp_path / "negative").rglob("*.dcm"))))
     assert exam_probability(found) > 0.9 and found.exam["negative_exam_for_pe"] < 0.5
     assert exam_probability(clean) <= 0.5 < clean.exam["negative_exam_for_pe"]
