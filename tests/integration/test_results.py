@@ -13,7 +13,6 @@ from typing import Any
 
 import pydicom
 import pytest
-from sqlalchemy import create_engine, text
 
 from tests.dicom_factory import make_ct_dataset, phantom_slice, write_ct_series
 from tests.integration.conftest import needs_dcmtk, needs_dicom3tools, needs_orthanc
@@ -232,18 +231,7 @@ def test_worker_killed_mid_job_is_replaced_and_the_job_runs_again(tmp_path: Path
         series = write_ct_series(tmp_path / "big", n_slices=300, size=256, seed=8)
         send(receiver, series)
         first = NodeProcess(root, config, args=("worker",)).start()
-        engine = create_engine(config["database"]["url"])
-        leased = text("SELECT attempts FROM jobs WHERE state = 'running' AND lease_owner LIKE :owner")
-
-        def attempts_on_first() -> int | None:
-            with engine.connect() as connection:
-                return connection.execute(leased, {"owner": f"%:{first.process.pid}"}).scalar()
-
-        # The database, not the status page, is polled: a status request can take longer than the job itself.
-        assert wait_until(attempts_on_first, timeout=60, interval=0.005, what="the job running") == 1
-        first.kill()
-        assert attempts_on_first() == 1, "killed mid-job: the job is still leased to the dead worker"
-        engine.dispose()
+        assert first.kill_mid_job(config["database"]["url"], timeout=60)[1] == 1
         second = NodeProcess(root, config, args=("worker",)).start()
         try:
             status = finished_jobs(receiver, timeout=120)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, TextClause, create_engine, text
 
 from tests.dicom_factory import write_ct_series
 from tests.integration.conftest import needs_dcmtk
@@ -25,6 +26,11 @@ def database_url() -> Iterator[str]:
         server.stop()
 
 
+def _scalar(engine: Engine, query: TextClause, parameters: dict | None = None) -> Any:
+    with engine.connect() as connection:
+        return connection.execute(query, parameters or {}).scalar()
+
+
 def test_twenty_series_each_analysed_once_with_a_worker_killed_mid_job(tmp_path: Path, tiny_checkpoint: Path,
                                                                         database_url: str) -> None:
     root = tmp_path / "shared"
@@ -40,26 +46,20 @@ def test_twenty_series_each_analysed_once_with_a_worker_killed_mid_job(tmp_path:
     workers = [NodeProcess(root, config, args=("worker",)) for _ in range(2)]
     for number, worker in enumerate(workers):
         worker.log_path = root / f"worker-{number}.log"
-        worker.start()
+    engine = create_engine(database_url)
     try:
+        # Every job is queued before either worker starts, so both take part from the first job on (with the
+        # workers up during the upload, the faster one could finish the lot before the other ever held a job).
         series = [write_ct_series(tmp_path / f"s{k}", n_slices=60, size=96, seed=k) for k in range(20)]
         result = run_dcmtk("storescu", "-aec", "PE_NODE", "127.0.0.1", str(receiver.port),
                            *map(str, itertools.chain.from_iterable(series)))
         assert result.returncode == 0, result.stderr
+        count_queued = text("SELECT count(*) FROM jobs WHERE state = 'queued'")
+        wait_until(lambda: _scalar(engine, count_queued) == 20, timeout=60, what="20 queued jobs")
+        for worker in workers:
+            worker.start()
 
-        victim = workers[0]
-        owner = f":{victim.process.pid}"
-        engine = create_engine(database_url)
-        running_on_victim = text("SELECT id FROM jobs WHERE state = 'running' AND lease_owner LIKE :owner")
-
-        def victim_job() -> int | None:
-            with engine.connect() as connection:
-                return connection.execute(running_on_victim, {"owner": f"%{owner}"}).scalar()
-
-        killed_job = wait_until(victim_job, timeout=120, interval=0.005, what="a job running on the first worker")
-        victim.kill()
-        assert victim_job() == killed_job, "killed mid-job: the job is still leased to the dead worker"
-        engine.dispose()
+        killed_job, _ = workers[0].kill_mid_job(database_url)
 
         def all_done() -> dict | None:
             status = receiver.status()
@@ -68,6 +68,7 @@ def test_twenty_series_each_analysed_once_with_a_worker_killed_mid_job(tmp_path:
 
         status = wait_until(all_done, timeout=300, interval=0.5, what="20 finished jobs")
     finally:
+        engine.dispose()
         for process in (*workers, receiver):
             process.stop()
     jobs = status["jobs"]
