@@ -127,45 +127,6 @@ class NodeProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def kill_mid_job(self, database_url: str, timeout: float = 120) -> tuple[int, int]:
-        """Wait until this worker holds a running job, then kill -9 it inside that job; the job's (id, attempts).
-
-        The worker is stopped (SIGSTOP) before its job is read again, so it cannot finish the job between the
-        check and the kill; if it had finished by then it is let go on (SIGCONT) and the wait goes on.
-        The database, not the status page, is polled: a status request can take longer than a job.
-        """
-        from sqlalchemy import create_engine, text
-
-        assert self.process is not None
-        held = text("SELECT id, attempts FROM jobs WHERE state = 'running' AND lease_owner LIKE :owner")
-        left = text("SELECT count(*), count(CASE WHEN state IN ('queued', 'running') THEN 1 END) FROM jobs")
-        owner = {"owner": f"%:{self.process.pid}"}
-        engine = create_engine(database_url)
-
-        def row(query: Any) -> Any:
-            with engine.connect() as connection:
-                return connection.execute(query, owner).first()
-
-        def frozen_in_a_job() -> tuple[int, int] | None:
-            if row(held) is None:
-                jobs, unfinished = row(left)
-                assert unfinished or not jobs, "every job finished before this worker held one"
-                return None
-            self.process.send_signal(signal.SIGSTOP)
-            job = row(held)
-            if job is None:
-                self.process.send_signal(signal.SIGCONT)
-            return job
-
-        try:
-            job_id, attempts = wait_until(frozen_in_a_job, timeout=timeout, interval=0.005,
-                                          what="a job running on the worker")
-            self.kill()
-            assert tuple(row(held)) == (job_id, attempts), "killed mid-job: the job is still leased to the dead worker"
-        finally:
-            engine.dispose()
-        return job_id, attempts
-
     def web_url(self) -> str:
         """The base URL of this process's status page (the port is picked at start)."""
         found = wait_until(lambda: re.search(r"status page, /metrics and /healthz on (http://\S+/)", self.log()),
@@ -194,6 +155,49 @@ class NodeProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def kill_mid_job(workers: Sequence[NodeProcess], database_url: str,
+                 timeout: float = 120) -> tuple[NodeProcess, int, int]:
+    """kill -9 the first of ``workers`` seen holding a running job, inside that job; (that worker, job id, attempts).
+
+    The worker is stopped (SIGSTOP) before its job is read again, so it cannot finish the job between the check
+    and the kill; if it had finished by then it is let go on (SIGCONT) and the wait goes on. The database, not the
+    status page, is polled: a status request can take longer than a job.
+    """
+    from sqlalchemy import create_engine, text
+
+    by_pid = {str(worker.process.pid): worker for worker in workers if worker.process is not None}
+    running = text("SELECT id, attempts, lease_owner FROM jobs WHERE state = 'running'")
+    held = text("SELECT attempts FROM jobs WHERE id = :id AND state = 'running' AND lease_owner = :owner")
+    engine = create_engine(database_url)
+
+    def still_held(job_id: int, owner: str) -> int | None:
+        with engine.connect() as connection:
+            return connection.execute(held, {"id": job_id, "owner": owner}).scalar()
+
+    def frozen_in_a_job() -> tuple[NodeProcess, int, int, str] | None:
+        with engine.connect() as connection:
+            jobs = connection.execute(running).all()
+        for job_id, _, owner in jobs:
+            worker = by_pid.get(str(owner).rpartition(":")[2])
+            if worker is None:
+                continue
+            worker.process.send_signal(signal.SIGSTOP)
+            attempts = still_held(job_id, owner)
+            if attempts is not None:
+                return worker, job_id, attempts, owner
+            worker.process.send_signal(signal.SIGCONT)
+        return None
+
+    try:
+        worker, job_id, attempts, owner = wait_until(frozen_in_a_job, timeout=timeout, interval=0.005,
+                                                     what="a job running on a worker")
+        worker.kill()
+        assert still_held(job_id, owner) == attempts, "killed mid-job: the job is still leased to the dead worker"
+    finally:
+        engine.dispose()
+    return worker, job_id, attempts
 
 
 class StoreSCP:

@@ -16,7 +16,7 @@ import pytest
 
 from tests.dicom_factory import make_ct_dataset, phantom_slice, write_ct_series
 from tests.integration.conftest import needs_dcmtk, needs_dicom3tools, needs_orthanc
-from tests.peers import NodeProcess, Orthanc, StoreSCP, free_port, node_config, run_dcmtk, wait_until
+from tests.peers import NodeProcess, Orthanc, StoreSCP, free_port, kill_mid_job, node_config, run_dcmtk, wait_until
 
 pytestmark = needs_dcmtk
 
@@ -231,7 +231,7 @@ def test_worker_killed_mid_job_is_replaced_and_the_job_runs_again(tmp_path: Path
         series = write_ct_series(tmp_path / "big", n_slices=300, size=256, seed=8)
         send(receiver, series)
         first = NodeProcess(root, config, args=("worker",)).start()
-        assert first.kill_mid_job(config["database"]["url"], timeout=60)[1] == 1
+        assert kill_mid_job([first], config["database"]["url"], timeout=60)[2] == 1, "killed in its first attempt"
         second = NodeProcess(root, config, args=("worker",)).start()
         try:
             status = finished_jobs(receiver, timeout=120)

@@ -12,7 +12,16 @@ from sqlalchemy import Engine, TextClause, create_engine, text
 
 from tests.dicom_factory import write_ct_series
 from tests.integration.conftest import needs_dcmtk
-from tests.peers import NodeProcess, PostgresServer, free_port, node_config, postgres_bin, run_dcmtk, wait_until
+from tests.peers import (
+    NodeProcess,
+    PostgresServer,
+    free_port,
+    kill_mid_job,
+    node_config,
+    postgres_bin,
+    run_dcmtk,
+    wait_until,
+)
 
 pytestmark = [needs_dcmtk, pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL is not installed")]
 
@@ -48,8 +57,9 @@ def test_twenty_series_each_analysed_once_with_a_worker_killed_mid_job(tmp_path:
         worker.log_path = root / f"worker-{number}.log"
     engine = create_engine(database_url)
     try:
-        # Every job is queued before either worker starts, so both take part from the first job on (with the
-        # workers up during the upload, the faster one could finish the lot before the other ever held a job).
+        # Every job is queued before the workers start, so both take part from the first job on; the one seen
+        # first inside a job is killed there (waiting for a given one to hold a job can wait for ever: the other
+        # may finish the lot first).
         series = [write_ct_series(tmp_path / f"s{k}", n_slices=60, size=96, seed=k) for k in range(20)]
         result = run_dcmtk("storescu", "-aec", "PE_NODE", "127.0.0.1", str(receiver.port),
                            *map(str, itertools.chain.from_iterable(series)))
@@ -59,7 +69,7 @@ def test_twenty_series_each_analysed_once_with_a_worker_killed_mid_job(tmp_path:
         for worker in workers:
             worker.start()
 
-        killed_job, _ = workers[0].kill_mid_job(database_url)
+        _, killed_job, _ = kill_mid_job(workers, database_url)
 
         def all_done() -> dict | None:
             status = receiver.status()
