@@ -38,7 +38,7 @@ from pe_node.node import worker_id
 from pe_node.pipeline.series import CTSeries, SeriesError, SliceRef, load_series
 from pe_node.pipeline.suitability import SuitabilityRules, check_suitability
 from pe_node.reporting import AlgorithmInfo, NotAnalysed, ReportObjects, ReportOptions, build_report
-from pe_node.reporting.outcome import NotAnalysedReason, exam_result
+from pe_node.reporting.outcome import NotAnalysedReason, exam_probability, exam_result
 from pe_node.reporting.report import key_slices
 
 log = logging.getLogger(__name__)
@@ -320,7 +320,7 @@ def _result(outcome: Prediction | NotAnalysed, objects: ReportObjects, outgoing:
     image = np.asarray(outcome.image, dtype=float)
     verdict = exam_result(outcome)
     result.update(
-        pe_probability=float(image.max()) if image.size else 0.0,
+        pe_probability=exam_probability(outcome),
         exam=outcome.exam,
         images=[{"sop_instance_uid": uid, "pe_present_on_image": round(float(p), 5)}
                 for uid, p in zip(outcome.sop_instance_uids, image)],

@@ -69,8 +69,23 @@ def exam_result(outcome: Prediction | NotAnalysed) -> ExamResult:
 
 
 def exam_probability(prediction: Prediction) -> float:
-    """The probability of PE in the exam: its highest image probability (the RSNA-STR rule)."""
-    return float(np.max(prediction.image)) if len(prediction.image) else 0.0
+    """The probability of PE in the exam, on the side of 0.5 that the RSNA-STR rule puts the exam.
+
+    A positive exam's is its highest image probability (the rule itself). A non-positive exam's is the exam head's
+    probability that the exam is neither negative nor indeterminate, (1 - p(negative)) (1 - p(indeterminate)),
+    capped at its highest image probability (so at most 0.5). The highest image probability alone says little
+    there: label consistency moves every image probability that must not be positive to exactly 0.5, so every
+    exam read as negative against a slice above 0.5 would report 0.5, whether the exam head was sure or not.
+    """
+    image = np.asarray(prediction.image, dtype=np.float64)
+    if not image.size:
+        return 0.0
+    highest = float(image.max())
+    if highest > THRESHOLD:
+        return highest
+    exam = prediction.exam
+    study = (1.0 - exam[ExamLabel.NEGATIVE.value]) * (1.0 - exam[ExamLabel.INDETERMINATE.value])
+    return min(highest, float(study))
 
 
 LOCATION_LABELS: dict[Location, ExamLabel] = {

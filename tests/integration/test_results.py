@@ -94,6 +94,10 @@ def test_series_ends_up_in_orthanc_storescp_and_folder(start_node, tiny_checkpoi
         assert job["state"] == "done", job["error"]
         result = job["result"]
         assert result["outcome"] in ("positive", "negative", "indeterminate")
+        highest = max(image["pe_present_on_image"] for image in result["images"])
+        head = (1 - result["exam"]["negative_exam_for_pe"]) * (1 - result["exam"]["indeterminate"])
+        assert result["pe_probability"] == pytest.approx(highest if highest > 0.5 else min(highest, head), abs=1e-5)
+        assert (result["pe_probability"] > 0.5) == (result["outcome"] == "positive")
         assert len(result["images"]) == 40 and abs(sum(result["attention"]) - 1) < 1e-3
         assert set(result["exam"]) >= {"negative_exam_for_pe", "rv_lv_ratio_gte_1"}
         assert {"load", "inference", "report", "total"} <= set(job["timings"])

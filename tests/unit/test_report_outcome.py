@@ -46,8 +46,18 @@ def test_not_analysed_is_its_own_result() -> None:
     assert ExamResult.NOT_ANALYSED.value is not ExamResult.INDETERMINATE.value
 
 
-def test_exam_probability_is_the_highest_image_probability() -> None:
-    assert exam_probability(prediction([0.2, 0.93, 0.6])) == pytest.approx(0.93)
+def test_a_positive_exams_probability_is_its_highest_image_probability() -> None:
+    assert exam_probability(prediction([0.2, 0.93, 0.6], negative=0.4)) == pytest.approx(0.93)
+
+
+def test_a_non_positive_exams_probability_comes_from_the_exam_head_not_the_folded_half() -> None:
+    """Label consistency leaves 0.5 on the slices it moved down; the exam head says how sure the negative is."""
+    assert exam_probability(prediction([0.2, 0.5, 0.5], negative=0.95)) == pytest.approx(0.05)
+    assert exam_probability(prediction([0.5], indeterminate=0.8)) == pytest.approx(0.2)
+    assert exam_probability(prediction([0.1, 0.3], negative=0.6)) == pytest.approx(0.3), "never above the images"
+    assert exam_probability(prediction([0.4], negative=0.2, indeterminate=0.3)) == pytest.approx(0.4), \
+        "labels that break the rules still report at most 0.5"
+    assert exam_probability(prediction([], attention=[])) == 0.0
 
 
 @pytest.mark.parametrize(

@@ -79,4 +79,4 @@ def test_demo_weights_tell_the_make_demo_phantom_from_a_phantom_without_emboli(
     found = demo_phantom[2]
     clean = predictor.predict(load_series(sorted((tmp_path / "negative").rglob("*.dcm"))))
     assert exam_probability(found) > 0.9 and found.exam["negative_exam_for_pe"] < 0.5
-    assert exam_probability(clean) <= 0.5 < clean.exam["negative_exam_for_pe"]
+    assert exam_probability(clean) < 0.5 < clean.exam["negative_exam_for_pe"]
