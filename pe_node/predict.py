@@ -19,6 +19,7 @@ from pe_node.findings import EXAM_LABELS, Prediction
 from pe_node.model.checkpoint import CheckpointError
 from pe_node.model.predictor import Predictor, resolve_device
 from pe_node.pipeline.series import SeriesError, load_series
+from pe_node.reporting.outcome import exam_probability
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +63,15 @@ def run_predict(
 
 
 def summary(prediction: Prediction, top: int = TOP_SLICES) -> str:
-    """The findings in a few lines: PE yes/no, each exam label, the most likely slices, the timings."""
+    """The findings in a few lines: PE yes/no with the probability the SR reports, each exam label, the most likely
+    slices, the timings."""
     image = np.asarray(prediction.image, dtype=np.float64)
     peak = int(np.argmax(image))
     verdict = "PE present" if prediction.pe_present else "no PE"
     lines = [
         f"Series {prediction.series_instance_uid} ({len(image)} slices): {verdict} "
-        f"(highest image probability {image[peak]:.3f}, slice {peak})",
+        f"(PE probability {exam_probability(prediction):.3f}; highest image probability {image[peak]:.3f}, "
+        f"slice {peak})",
         "Exam labels:",
         *(f"  {label:<22} {prediction.exam[label]:.3f}" for label in EXAM_LABELS),
         "Top slices (index, PE probability, attention, SOP Instance UID):",

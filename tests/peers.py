@@ -111,6 +111,7 @@ class NodeProcess:
             return 0
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(signal.SIGCONT)  # a stopped process acts on SIGTERM only once it runs again
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -159,16 +160,18 @@ class NodeProcess:
 
 def kill_mid_job(workers: Sequence[NodeProcess], database_url: str,
                  timeout: float = 120) -> tuple[NodeProcess, int, int]:
-    """kill -9 the first of ``workers`` seen holding a running job, inside that job; (that worker, job id, attempts).
+    """kill -9 the first of ``workers`` seen holding a running job, inside that job. Returns (that worker, the job's
+    id, its attempts).
 
-    The worker is stopped (SIGSTOP) before its job is read again, so it cannot finish the job between the check
-    and the kill; if it had finished by then it is let go on (SIGCONT) and the wait goes on. The database, not the
-    status page, is polled: a status request can take longer than a job.
+    The worker is stopped (SIGSTOP) and given a moment for a COMMIT it had already sent to land before its job is
+    read again, so it cannot finish the job between the check and the kill; if it had finished, it is resumed
+    (SIGCONT) and the wait goes on. The database, not the status page, is polled: a status request can take longer
+    than a job.
     """
     from sqlalchemy import create_engine, text
 
     by_pid = {str(worker.process.pid): worker for worker in workers if worker.process is not None}
-    running = text("SELECT id, attempts, lease_owner FROM jobs WHERE state = 'running'")
+    running = text("SELECT id, lease_owner FROM jobs WHERE state = 'running'")
     held = text("SELECT attempts FROM jobs WHERE id = :id AND state = 'running' AND lease_owner = :owner")
     engine = create_engine(database_url)
 
@@ -179,12 +182,18 @@ def kill_mid_job(workers: Sequence[NodeProcess], database_url: str,
     def frozen_in_a_job() -> tuple[NodeProcess, int, int, str] | None:
         with engine.connect() as connection:
             jobs = connection.execute(running).all()
-        for job_id, _, owner in jobs:
+        for job_id, owner in jobs:
             worker = by_pid.get(str(owner).rpartition(":")[2])
             if worker is None:
                 continue
             worker.process.send_signal(signal.SIGSTOP)
-            attempts = still_held(job_id, owner)
+            try:
+                _wait_stopped(worker.process.pid)
+                time.sleep(0.2)
+                attempts = still_held(job_id, owner)
+            except BaseException:
+                worker.process.send_signal(signal.SIGCONT)
+                raise
             if attempts is not None:
                 return worker, job_id, attempts, owner
             worker.process.send_signal(signal.SIGCONT)
@@ -194,11 +203,27 @@ def kill_mid_job(workers: Sequence[NodeProcess], database_url: str,
         worker, job_id, attempts, owner = wait_until(frozen_in_a_job, timeout=timeout, interval=0.005,
                                                      what="a job running on a worker")
         worker.kill()
-        assert still_held(job_id, owner) == attempts, "killed mid-job: the job is still leased to the dead worker"
+        assert still_held(job_id, owner) == attempts, "the job was no longer running on the worker it was killed in"
     finally:
         engine.dispose()
     return worker, job_id, attempts
 
+
+def _wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    """Wait until every thread of ``pid`` is stopped (state T in /proc): SIGSTOP is delivered asynchronously."""
+    deadline = time.monotonic() + timeout
+    tasks = Path(f"/proc/{pid}/task")
+    while time.monotonic() < deadline:
+        states = []
+        for task in tasks.iterdir():
+            try:
+                states.append((task / "stat").read_text().rpartition(")")[2].split()[0])
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+        if states and all(state in ("T", "t") for state in states):
+            return
+        time.sleep(0.002)
+    raise TimeoutError(f"process {pid} not stopped after {timeout} s")
 
 class StoreSCP:
     """DCMTK storescp writing every received instance to ``folder``."""

@@ -74,8 +74,8 @@ def exam_probability(prediction: Prediction) -> float:
     A positive exam's is its highest image probability (the rule itself). A non-positive exam's is the exam head's
     probability that the exam is neither negative nor indeterminate, (1 - p(negative)) (1 - p(indeterminate)),
     capped at its highest image probability (so at most 0.5). The highest image probability alone says little
-    there: label consistency moves every image probability that must not be positive to exactly 0.5, so every
-    exam read as negative against a slice above 0.5 would report 0.5, whether the exam head was sure or not.
+    there: when the exam head calls an exam negative although some slices scored above 0.5, label consistency
+    moves those slices to exactly 0.5, and the exam would report 0.5 whether the exam head was sure or not.
     """
     image = np.asarray(prediction.image, dtype=np.float64)
     if not image.size:

@@ -231,20 +231,20 @@ def test_worker_killed_mid_job_is_replaced_and_the_job_runs_again(tmp_path: Path
                          model={"checkpoint": str(tiny_checkpoint), "device": "cpu", "batch_size": 1},
                          worker={"enabled": True, "lease_seconds": 6, "max_attempts": 3, "poll_seconds": 0.1})
     receiver = NodeProcess(root, config, args=("serve", "--no-worker")).start()
+    first = NodeProcess(root, config, args=("worker",))
+    second = NodeProcess(root, config, args=("worker",))
     try:
         series = write_ct_series(tmp_path / "big", n_slices=300, size=256, seed=8)
         send(receiver, series)
-        first = NodeProcess(root, config, args=("worker",)).start()
-        assert kill_mid_job([first], config["database"]["url"], timeout=60)[2] == 1, "killed in its first attempt"
-        second = NodeProcess(root, config, args=("worker",)).start()
-        try:
-            status = finished_jobs(receiver, timeout=120)
-        finally:
-            second.stop()
+        first.start()
+        assert kill_mid_job([first], config["database"]["url"], timeout=60)[2] == 1, "the first attempt was not killed"
+        second.start()
+        status = finished_jobs(receiver, timeout=120)
         [job] = status["jobs"]
         assert job["state"] == "done" and job["attempts"] == 2
     finally:
-        receiver.stop()
+        for process in (first, second, receiver):
+            process.stop()
 
 
 def test_job_failing_every_attempt_ends_failed_with_its_error(start_node, tiny_checkpoint: Path, ctpa: list[Path],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,8 @@ def test_human_summary_names_the_verdict_and_every_exam_label(ct_series_dir: Pat
     assert status == EXIT_OK
     first = out.splitlines()[0]
     assert "(40 slices)" in first and ("PE present" in first or "no PE" in first)
+    reported = float(re.search(r"PE probability (\d\.\d{3});", first).group(1))
+    assert (reported > 0.5) == ("PE present" in first), "the probability the SR reports, on the verdict's side of 0.5"
     assert all(label in out for label in EXAM_LABELS)
     assert "Top slices" in out and "Timings:" in out
 
