@@ -5,10 +5,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from sqlalchemy import Engine, TextClause, create_engine, text
 
 from tests.dicom_factory import write_ct_series
 from tests.integration.conftest import needs_dcmtk
@@ -35,11 +33,6 @@ def database_url() -> Iterator[str]:
         server.stop()
 
 
-def _scalar(engine: Engine, query: TextClause, parameters: dict | None = None) -> Any:
-    with engine.connect() as connection:
-        return connection.execute(query, parameters or {}).scalar()
-
-
 def test_twenty_series_each_analysed_once_with_a_worker_killed_mid_job(tmp_path: Path, tiny_checkpoint: Path,
                                                                         database_url: str) -> None:
     root = tmp_path / "shared"
@@ -55,7 +48,6 @@ def test_twenty_series_each_analysed_once_with_a_worker_killed_mid_job(tmp_path:
     workers = [NodeProcess(root, config, args=("worker",)) for _ in range(2)]
     for number, worker in enumerate(workers):
         worker.log_path = root / f"worker-{number}.log"
-    engine = create_engine(database_url)
     try:
         # Every job is queued before the workers start, so both take part from the first job on; the one seen
         # first inside a job is killed there (waiting for a given one to hold a job can wait for ever: the other
@@ -64,8 +56,8 @@ def test_twenty_series_each_analysed_once_with_a_worker_killed_mid_job(tmp_path:
         result = run_dcmtk("storescu", "-aec", "PE_NODE", "127.0.0.1", str(receiver.port),
                            *map(str, itertools.chain.from_iterable(series)))
         assert result.returncode == 0, result.stderr
-        count_queued = text("SELECT count(*) FROM jobs WHERE state = 'queued'")
-        wait_until(lambda: _scalar(engine, count_queued) == 20, timeout=60, what="20 queued jobs")
+        wait_until(lambda: [job["state"] for job in receiver.status()["jobs"]] == ["queued"] * 20, timeout=60,
+                   interval=0.5, what="20 queued jobs")
         for worker in workers:
             worker.start()
 
@@ -78,7 +70,6 @@ def test_twenty_series_each_analysed_once_with_a_worker_killed_mid_job(tmp_path:
 
         status = wait_until(all_done, timeout=300, interval=0.5, what="20 finished jobs")
     finally:
-        engine.dispose()
         for process in (*workers, receiver):
             process.stop()
     jobs = status["jobs"]
