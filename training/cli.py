@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(stage1)
 
     features = commands.add_parser("features", help="extract stage-1 embeddings of every cached study")
-    features.add_argument("--stage1", type=Path, required=True, help="stage-1 checkpoint (RUN/best.pt)")
+    features.add_argument("--stage1", type=Path, required=True,
+                          help="stage-1 checkpoint (RUN/best.pt, or a pe-node checkpoint)")
     features.add_argument("--cache", type=Path, required=True, help="the cache to embed")
     features.add_argument("--out", type=Path, required=True, help="features folder")
     features.add_argument("--batch-size", type=int, default=32, help="slices per forward pass on a GPU")
@@ -101,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="score the model and the baselines, write the report")
     evaluate.add_argument("--features", type=Path, required=True, help="features of the evaluated cache")
-    evaluate.add_argument("--stage1", type=Path, required=True, help="stage-1 checkpoint (baseline 1, CAMs)")
+    evaluate.add_argument("--stage1", type=Path, required=True,
+                          help="stage-1 checkpoint (baseline 1, CAMs; or a pe-node checkpoint)")
     evaluate.add_argument("--stage2", type=Path, required=True, help="stage-2 checkpoint with attention")
     evaluate.add_argument("--baseline", type=Path, help="stage-2 checkpoint trained with --pooling mean")
     evaluate.add_argument("--out", type=Path, required=True, help="report folder")
@@ -110,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(evaluate, training=False)
 
     export = commands.add_parser("export", help="write the pe-node checkpoint of both stages")
-    export.add_argument("--stage1", type=Path, required=True, help="stage-1 checkpoint (RUN/best.pt)")
+    export.add_argument("--stage1", type=Path, required=True,
+                        help="stage-1 checkpoint (RUN/best.pt, or a pe-node checkpoint)")
     export.add_argument("--stage2", type=Path, required=True, help="stage-2 checkpoint (RUN/best.pt)")
     export.add_argument("--out", type=Path, required=True, help="checkpoint file to write, e.g. models/pe-demo.pt")
     export.add_argument("--evaluation", type=Path, help="an evaluation's metrics.json, kept in the provenance")

@@ -47,7 +47,7 @@ def export(
         "data": first.extra.get("data", {}),
         "seed": first.config.get("seed"),
         "backbone_weights": first.extra.get("backbone_weights", {}),
-        "stage1": _stage(first, stage1),
+        "stage1": _stage1(first, stage1),
         "stage2": _stage(second, stage2),
         "evaluation": _evaluation(evaluation) if evaluation is not None else None,
         "code": _git(),
@@ -56,6 +56,16 @@ def export(
     load_checkpoint(path)  # what pe-node will do: fail here, not in the node
     logger.info("exported %s (%.1f MB, %s weights)", path, path.stat().st_size / 1e6, "fp16" if half else "fp32")
     return path
+
+
+def _stage1(state: TrainState, path: Path) -> dict[str, Any]:
+    """Stage 1's record; for a stage 1 read from a pe-node checkpoint, what that checkpoint says about how it was
+    trained (run, commands, numbers, code), and which file it came from."""
+    earlier = state.extra.get("stage1_provenance")
+    if earlier is None:
+        return _stage(state, path)
+    return {**earlier, "code": state.extra.get("code"),
+            "from_checkpoint": {"path": str(path), "sha256": state.inputs.get("checkpoint_sha256")}}
 
 
 def _stage(state: TrainState, path: Path) -> dict[str, Any]:
@@ -69,6 +79,7 @@ def _stage(state: TrainState, path: Path) -> dict[str, Any]:
         "command": state.inputs.get("command", []),
         "world_size": state.inputs.get("world_size", 1),
         "config": state.config,
+        **({"data": state.extra["data"]} if state.stage == "stage2" and "data" in state.extra else {}),
     }
 
 

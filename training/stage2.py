@@ -82,7 +82,8 @@ def train_stage2(
         inputs={"features": str(features.root.resolve()), "stage1": features.index["stage1"],
                 "stage1_sha256": features.stage1_sha256, "command": command or [],
                 "world_size": processes.world_size},
-        extra={"label_prior": label_prior(train), "pooling": config.stage2.pooling},
+        extra={"label_prior": label_prior(train), "pooling": config.stage2.pooling,
+               "data": features.cache.describe()},
     )
     dataset = StudyEmbeddings(features, train)
     sampler = DistributedSampler(dataset, num_replicas=processes.world_size, rank=processes.rank, shuffle=True,

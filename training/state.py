@@ -14,6 +14,10 @@ Each is ``torch.save`` of a plain dict (tensors, numbers, strings, lists, dicts)
     extra                       stage-specific values (stage 2: the training labels' prevalence)
 
 Beside them the run folder holds ``config.yaml`` (the resolved config) and ``metrics.json`` (per-epoch losses).
+
+Where a stage-1 checkpoint is asked for, a pe-node checkpoint (``pe-train export``'s output, such as the shipped
+``models/pe-demo.pt``) serves too: its encoder, preprocessing and the provenance of its stage 1. So stage 2 can be
+trained again, on other studies, behind a stage 1 that was exported long ago.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from typing import Any
 
 import torch
 
-from pe_node.model import PEModel, create_model
+from pe_node.model import PEModel, create_model, load_checkpoint
+from pe_node.model.checkpoint import CHECKPOINT_FORMAT, CheckpointError
 
 STATE_FORMAT = "pe-train-state"
 
@@ -83,6 +88,11 @@ def load_state(path: Path, stage: str | None = None) -> TrainState:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # the file boundary: torch raises many kinds here
         raise StateError(f"training checkpoint {path}: cannot be read ({str(error).splitlines()[0][:200]})") from None
+    if isinstance(data, dict) and data.get("format") == CHECKPOINT_FORMAT:
+        if stage not in (None, "stage1"):
+            raise StateError(f"training checkpoint {path}: is a pe-node checkpoint, which stands in for a stage1 "
+                             f"checkpoint only; {stage} needs a pe-train {stage} best.pt or last.pt")
+        return _stage1_of_checkpoint(path)
     if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
         marker = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise StateError(
@@ -94,6 +104,35 @@ def load_state(path: Path, stage: str | None = None) -> TrainState:
     if stage is not None and state.stage != stage:
         raise StateError(f"training checkpoint {path}: is a {state.stage} checkpoint, {stage} is needed here")
     return state
+
+
+def _stage1_of_checkpoint(path: Path) -> TrainState:
+    """The stage 1 of a pe-node checkpoint as a training state: float32 encoder weights, the preprocessing, and
+    what its provenance says about how that stage 1 was trained (kept whole under ``extra["stage1_provenance"]``)."""
+    try:
+        loaded = load_checkpoint(path)
+    except CheckpointError as error:
+        raise StateError(str(error)) from None
+    provenance = loaded.meta.provenance
+    stage1 = provenance.get("stage1") if isinstance(provenance.get("stage1"), dict) else {}
+    history = [record for record in (stage1.get("best"), stage1.get("last_epoch")) if isinstance(record, dict)]
+    best_val_loss = stage1.get("best_val_loss")
+    return TrainState(
+        stage="stage1",
+        model_name=loaded.meta.model_name,
+        model_config=loaded.meta.model_config.to_dict(),
+        preprocess=loaded.preprocess.to_dict(),
+        weights={name: tensor.float().clone() for name, tensor in loaded.model.encoder.state_dict().items()},
+        epoch=int(stage1.get("epochs") or 0),
+        best_epoch=int(stage1.get("best_epoch") or 0),
+        best_val_loss=float(best_val_loss) if best_val_loss is not None else float("inf"),
+        history=list({record["epoch"]: record for record in history if "epoch" in record}.values()),
+        config=stage1.get("config") or {},
+        inputs={"checkpoint": str(path.resolve()), "checkpoint_sha256": loaded.meta.sha256,
+                "command": stage1.get("command") or [], "world_size": stage1.get("world_size", 1)},
+        extra={"data": provenance.get("data") or {}, "backbone_weights": provenance.get("backbone_weights") or {},
+               "stage1_provenance": stage1, "code": stage1.get("code") or provenance.get("code")},
+    )
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -19,8 +20,9 @@ import yaml
 from pe_node.model import Predictor, check, load_checkpoint
 from pe_node.pipeline.series import load_series
 from training.cli import main
+from training.features import FeatureSet
 from training.rspect import read_rspect
-from training.state import load_state
+from training.state import StateError, load_state
 
 CONFIG = {
     "seed": 0,
@@ -154,3 +156,37 @@ def test_stage1_trains_on_two_processes_under_torchrun_and_only_rank_0_writes(wo
     for rank, text in stderr.items():
         assert f"rank {rank} trained {batches[0]} batches" in text
     assert "wrote" in stderr["0"] and "wrote" not in stderr["1"]
+
+
+def test_stage2_trains_again_behind_the_stage1_of_an_exported_checkpoint(workspace: Path, tmp_path: Path) -> None:
+    config, root = str(workspace / "train.yaml"), workspace
+    _run("stage2", "--config", config, "--features", str(root / "features-cache"), "--out", str(tmp_path / "first"),
+         "--epochs", "1")
+    _run("export", "--stage1", str(root / "stage1/best.pt"), "--stage2", str(tmp_path / "first/best.pt"), "--out",
+         str(tmp_path / "shipped.pt"))
+    shipped = load_checkpoint(tmp_path / "shipped.pt")
+    with pytest.raises(StateError, match="stands in for a stage1 checkpoint only"):
+        load_state(tmp_path / "shipped.pt", "stage2")
+
+    # The exported file is the stage 1 of features, of a new stage 2 and of a new export.
+    _run("features", "--config", config, "--stage1", str(tmp_path / "shipped.pt"), "--cache", str(root / "cache"),
+         "--out", str(tmp_path / "features"))
+    features = FeatureSet.open(tmp_path / "features")
+    served = Predictor(shipped.model, shipped.preprocess, device="cpu")
+    study = features.split("train")[0]
+    assert torch.equal(torch.from_numpy(np.array(features.embeddings(study))),
+                       served.embed_inputs(features.cache.inputs(study)).cpu())
+    _run("stage2", "--config", config, "--features", str(tmp_path / "features"), "--out", str(tmp_path / "again"),
+         "--epochs", "2")
+    _run("export", "--stage1", str(tmp_path / "shipped.pt"), "--stage2", str(tmp_path / "again/best.pt"), "--out",
+         str(tmp_path / "again.pt"))
+    again = load_checkpoint(tmp_path / "again.pt")
+    encoder, before = again.model.encoder.state_dict(), shipped.model.encoder.state_dict()
+    assert all(torch.equal(encoder[name], before[name]) for name in before)
+    stage1 = again.meta.provenance["stage1"]
+    assert stage1["command"][:2] == ["pe-train", "stage1"] and stage1["best_epoch"] >= 1
+    assert stage1["from_checkpoint"]["sha256"] == shipped.meta.sha256
+    assert again.meta.provenance["data"] == shipped.meta.provenance["data"]
+    stage2 = again.meta.provenance["stage2"]
+    assert stage2["command"][:2] == ["pe-train", "stage2"] and stage2["epochs"] == 2
+    assert stage2["data"]["splits"]["train"]["studies"] == len(features.split("train"))
