@@ -4,8 +4,10 @@
 #   training/demo.sh [WORK]        (WORK: where data, caches, runs and the report go; default runs/demo)
 #
 # Environment: CONFIG (training/configs/demo.yaml), OUT (WORK/pe-demo.pt; OUT=models/pe-demo.pt replaces the
-# shipped weights), STUDIES (training phantoms, 900), TEST_STUDIES (held-out phantoms, 80), WORKERS
-# (phantom-writing processes, 2), PE_TRAIN (the pe-train command).
+# shipped weights), STUDIES (stage-1 training phantoms, 900), STAGE2_STUDIES (stage-2 training phantoms, 400),
+# TEST_STUDIES (held-out phantoms, 80), WORKERS (phantom-writing processes, 2), PE_TRAIN (the pe-train command).
+# Stage 2 learns from the embeddings of studies stage 1 never saw (a second phantom set, seed 3): on the embeddings
+# of stage 1's own training studies it learns how stage 1 behaves on studies it was fitted to, not on new ones.
 # The shipped weights come from `CONFIG=training/configs/demo-gpu.yaml STUDIES=1000 WORKERS=16` on one GPU (about
 # nine minutes on an H200); demo.yaml, the default, is the same recipe sized for two CPU cores (about 75 minutes,
 # weaker weights). A CUDA GPU is used when present (device: auto). The same commands train on the real RSNA-STR
@@ -17,6 +19,7 @@ CONFIG=${CONFIG:-training/configs/demo.yaml}
 OUT=${OUT:-$WORK/pe-demo.pt}
 PE_TRAIN=${PE_TRAIN:-pe-train}
 STUDIES=${STUDIES:-900}
+STAGE2_STUDIES=${STAGE2_STUDIES:-400}
 TEST_STUDIES=${TEST_STUDIES:-80}
 WORKERS=${WORKERS:-2}
 mkdir -p "$WORK"
@@ -46,19 +49,23 @@ phantoms() {
 
 phantoms phantoms-train "$WORK/phantoms-train" --studies "$STUDIES" --seed 0 --size 256 \
     --slices 60-120 --workers "$WORKERS" --quiet
+phantoms phantoms-stage2 "$WORK/phantoms-stage2" --studies "$STAGE2_STUDIES" --seed 3 --size 256 \
+    --slices 60-120 --workers "$WORKERS" --quiet
 phantoms phantoms-test "$WORK/phantoms-test" --studies "$TEST_STUDIES" --seed 1 --size 256 \
     --slices 60-120 --workers "$WORKERS" --quiet
 step prepare-train "$PE_TRAIN" prepare --config "$CONFIG" --data "$WORK/phantoms-train" --cache "$WORK/cache-train"
+step prepare-stage2 "$PE_TRAIN" prepare --config "$CONFIG" --data "$WORK/phantoms-stage2" \
+    --cache "$WORK/cache-stage2"
 step prepare-test "$PE_TRAIN" prepare --config "$CONFIG" --data "$WORK/phantoms-test" --cache "$WORK/cache-test" \
     --split-all test
 step stage1 "$PE_TRAIN" stage1 --config "$CONFIG" --cache "$WORK/cache-train" --out "$WORK/stage1"
-step features-train "$PE_TRAIN" features --config "$CONFIG" --stage1 "$WORK/stage1/best.pt" \
-    --cache "$WORK/cache-train" --out "$WORK/features-train"
+step features-stage2 "$PE_TRAIN" features --config "$CONFIG" --stage1 "$WORK/stage1/best.pt" \
+    --cache "$WORK/cache-stage2" --out "$WORK/features-stage2"
 step features-test "$PE_TRAIN" features --config "$CONFIG" --stage1 "$WORK/stage1/best.pt" \
     --cache "$WORK/cache-test" --out "$WORK/features-test"
-step stage2-attention "$PE_TRAIN" stage2 --config "$CONFIG" --features "$WORK/features-train" \
+step stage2-attention "$PE_TRAIN" stage2 --config "$CONFIG" --features "$WORK/features-stage2" \
     --out "$WORK/stage2-attention"
-step stage2-mean "$PE_TRAIN" stage2 --config "$CONFIG" --features "$WORK/features-train" --out "$WORK/stage2-mean" \
+step stage2-mean "$PE_TRAIN" stage2 --config "$CONFIG" --features "$WORK/features-stage2" --out "$WORK/stage2-mean" \
     --pooling mean
 step evaluate "$PE_TRAIN" evaluate --config "$CONFIG" --features "$WORK/features-test" \
     --stage1 "$WORK/stage1/best.pt" --stage2 "$WORK/stage2-attention/best.pt" \
