@@ -14,6 +14,7 @@ from pe_node.findings import EXAM_LABELS, Prediction
 from pe_node.model import Predictor, check, load_checkpoint
 from pe_node.pipeline.series import load_series
 from pe_node.reporting.outcome import exam_probability
+from training.config import load_train_config
 from training.phantoms import ExamClass, exam_class, plan_study, write_study
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,6 +41,15 @@ def test_the_model_card_gives_the_checkpoints_own_evaluation_numbers() -> None:
     assert f"{evaluation['constant_baseline_rsna_log_loss']:.4f}" in card
     assert "not for clinical use" in card.lower()
     assert "training/demo.sh" in card
+
+
+def test_demo_gpu_yaml_is_the_configuration_each_stage_of_the_weights_was_trained_with() -> None:
+    provenance = load_checkpoint(CHECKPOINT).meta.provenance
+    config = load_train_config(REPO / "training" / "configs" / "demo-gpu.yaml").model_dump(mode="json")
+    for stage, sections in (("stage1", ("stage1", "model", "preprocess")), ("stage2", ("stage2", "model"))):
+        recorded = provenance[stage]["config"]
+        for section in sections:
+            assert recorded[section] == config[section], (stage, section)
 
 
 def test_the_card_names_the_preprocessing_the_checkpoint_carries() -> None:
