@@ -174,10 +174,18 @@ def _evaluate(args: argparse.Namespace, config: TrainConfig, command: list[str])
     metrics = evaluate(FeatureSet.open(args.features), args.stage1, args.stage2, args.baseline, args.out,
                        config.evaluate, args.split, resolve_device(config.device), config.seed, not args.quiet)
     print(f"constant prediction: RSNA log loss {metrics['constant_baseline']['rsna_log_loss']:.4f}")
-    for result in metrics["models"].values():
-        pe_auc = result["study_pe_auc"]
-        print(f"{result['title']}: study PE AUC {'n/a' if pe_auc is None else f'{pe_auc:.3f}'}, "
-              f"RSNA log loss {result['rsna_log_loss']:.4f}, study PE accuracy {result['study_pe_accuracy']:.3f}")
+    intervals = metrics.get("bootstrap", {}).get("models", {})
+    for name, result in metrics["models"].items():
+        pe_auc, bounds = result["study_pe_auc"], intervals.get(name, {}).get("study_pe_auc")
+        print(f"{result['title']}: study PE AUC {'n/a' if pe_auc is None else f'{pe_auc:.3f}'}"
+              + (f" (95 % CI {bounds[0]:.3f}-{bounds[1]:.3f})" if bounds else "")
+              + f", RSNA log loss {result['rsna_log_loss']:.4f}, study PE accuracy {result['study_pe_accuracy']:.3f}")
+    for name, result in metrics.get("bootstrap", {}).get("full_against", {}).items():
+        difference, bounds = result["study_pe_auc_difference"], result["study_pe_auc_difference_ci"]
+        if difference is not None and bounds is not None:
+            print(f"full model minus {metrics['models'][name]['title'].split(':')[0]}: study PE AUC {difference:+.3f} "
+                  f"(95 % CI {bounds[0]:+.3f} to {bounds[1]:+.3f}), ahead in {result['share_full_ahead']:.0%} "
+                  "of the resamples")
     print(f"report: {args.out / 'report.md'}")
 
 

@@ -182,6 +182,8 @@ class EvaluateConfig(_Section):
 
     cam_examples: int = Field(6, ge=0, le=64)
     tsne_perplexity: float = Field(15.0, gt=0.0)
+    bootstrap: int = Field(2000, ge=0, le=100_000,
+                           description="study resamples for the 95 % confidence intervals; 0: no intervals")
 
 
 class TrainConfig(_Section):

@@ -10,7 +10,9 @@ The three models (paper section 4) all read the same stage-1 embeddings of the e
 Every model's probabilities go through ``pe_node.model.make_consistent`` (as served), and the report counts how
 many studies broke the RSNA rules before. Scores: per-label AUC (nine exam labels and the image level), the study
 PE AUC (the study head's ``pe_score``; baseline 1: the highest image probability), the RSNA weighted log loss next to
-the constant-prediction baseline (training prevalences, from the stage-2 checkpoint), and accuracy at 0.5.
+the constant-prediction baseline (training prevalences, from the stage-2 checkpoint), and accuracy at 0.5; with
+``evaluate.bootstrap`` resamples (default 2000), 95 % intervals of the study PE AUC and the log loss, and the full
+model's paired differences from each baseline.
 Figures and the markdown summary are drawn by ``training.figures`` and ``training.report``.
 """
 
@@ -35,7 +37,17 @@ from training.config import EvaluateConfig
 from training.ctimage import MANUFACTURER
 from training.features import FeatureSet
 from training.figures import CamExample, draw_cam, draw_roc_labels, draw_roc_models, draw_tsne
-from training.metrics import accuracy, auc, constant_predictions, pe_score, rsna_log_loss
+from training.metrics import (
+    accuracy,
+    auc,
+    constant_predictions,
+    interval,
+    pe_score,
+    resampled_auc,
+    rsna_log_loss,
+    rsna_log_loss_terms,
+    stratified_resamples,
+)
 from training.report import write_report
 from training.rspect import RSPECTError, RSPECTStudy, read_rspect
 from training.state import TrainState, build_model, load_state, write_json
@@ -110,6 +122,8 @@ def evaluate(
                               "exam_prior": prior["exam"], "image_prior": prior["image"]},
         "models": {name: {"title": TITLES[name], **score(p, studies)} for name, p in predictions.items()},
     }
+    if config.bootstrap:
+        metrics["bootstrap"] = bootstrap(predictions, studies, config.bootstrap, seed)
     figures = [
         draw_roc_labels(out / "roc_labels.png", predictions[FULL], studies, TITLES[FULL]),
         draw_roc_models(out / "roc_models.png", {TITLES[n]: p.pe for n, p in predictions.items()},
@@ -198,6 +212,52 @@ def score(predictions: Predictions, studies: list[CachedStudy]) -> dict[str, Any
         "consistency": {"studies_breaking_rules_before": predictions.violations,
                         "studies_breaking_rules_after": remaining, "studies": len(studies)},
     }
+
+
+LEVEL = 0.95
+"""The confidence level of the bootstrap intervals."""
+
+
+def bootstrap(predictions: dict[str, Predictions], studies: list[CachedStudy], resamples: int,
+              seed: int) -> dict[str, Any]:
+    """95 % percentile intervals of each model's study PE AUC and RSNA weighted log loss over ``resamples``
+    stratified resamples of the studies, and the paired differences of the full model from each baseline (the same
+    resamples for every model): the difference's interval and the share of resamples in which the full model is
+    ahead (ties count half)."""
+    positive = np.array([s.exam_class == "positive" for s in studies])
+    draws = stratified_resamples(positive, resamples, seed)
+    exam_y = np.stack([s.exam for s in studies])
+    image_y = [s.image.astype(np.float64) for s in studies]
+    aucs, losses, point_auc, point_loss = {}, {}, {}, {}
+    for name, p in predictions.items():
+        aucs[name] = resampled_auc(positive, p.pe, draws)
+        point_auc[name] = auc(positive, p.pe)
+        loss, weight = rsna_log_loss_terms(p.exam, exam_y, p.image, image_y)
+        losses[name] = loss[draws].sum(axis=1) / weight[draws].sum(axis=1)
+        point_loss[name] = float(loss.sum() / weight.sum())
+    result: dict[str, Any] = {
+        "resamples": resamples, "level": LEVEL, "seed": seed,
+        "models": {name: {"study_pe_auc": interval(aucs[name], LEVEL), "rsna_log_loss": interval(losses[name], LEVEL)}
+                   for name in predictions},
+        "full_against": {},
+    }
+    for name in predictions:
+        if name == FULL:
+            continue
+        gain = aucs[FULL] - aucs[name]
+        finite = gain[np.isfinite(gain)]
+        result["full_against"][name] = {
+            "study_pe_auc_difference": _difference(point_auc[FULL], point_auc[name]),
+            "study_pe_auc_difference_ci": interval(gain, LEVEL),
+            "share_full_ahead": float(np.mean((finite > 0) + 0.5 * (finite == 0))) if finite.size else None,
+            "rsna_log_loss_difference": point_loss[FULL] - point_loss[name],
+            "rsna_log_loss_difference_ci": interval(losses[FULL] - losses[name], LEVEL),
+        }
+    return result
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
 
 
 def draw_cams(out: Path, source: dict[str, RSPECTStudy], studies: list[CachedStudy], model: PEModel,

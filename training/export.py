@@ -96,6 +96,7 @@ def _evaluation(path: Path) -> dict[str, Any]:
                                                 "mean_label_accuracy", "auc")}
             for name, result in metrics["models"].items()
         },
+        **({"bootstrap": metrics["bootstrap"]} if "bootstrap" in metrics else {}),
     }
 
 

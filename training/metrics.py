@@ -5,6 +5,11 @@ weighs w_j, every image k of study i weighs w q_i (q_i the study's share of posi
 weighted sum of binary log losses divided by the sum of the weights over the whole set. For a single study it equals
 L_i of the paper and of ``pe_node.model.rsna_loss``; over several studies it weighs studies by their weights, as
 the competition did, rather than averaging L_i.
+
+The bootstrap helpers put confidence intervals on those numbers: a test set of tens of studies decides an AUC to
+within several hundredths, and two models a study apart are not told apart by it. ``stratified_resamples`` draws
+the studies (positives from positives, the rest from the rest), the same draws serve every model, so that their
+differences are paired.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
 from pe_node.findings import EXAM_LABELS, EXAM_WEIGHTS, IMAGE_WEIGHT, ExamLabel
@@ -48,13 +54,14 @@ def _log_loss_terms(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray
     return -(labels * np.log(p) + (1.0 - labels) * np.log(1.0 - p))
 
 
-def rsna_log_loss(
+def rsna_log_loss_terms(
     exam_probabilities: np.ndarray,
     exam_labels: np.ndarray,
     image_probabilities: Sequence[np.ndarray],
     image_labels: Sequence[np.ndarray],
-) -> float:
-    """The RSNA-STR PE challenge's weighted log loss of a set of studies: exam [N, 9], images one array per study."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each study's share of the RSNA weighted log loss: its weighted sum of log losses and its sum of weights
+    ([N] each). The loss of any set of these studies (a bootstrap resample too) is the one sum over the other."""
     exam_p = np.asarray(exam_probabilities, dtype=np.float64)
     exam_y = np.asarray(exam_labels, dtype=np.float64)
     if exam_p.ndim != 2 or exam_p.shape[1] != len(EXAM_LABELS) or exam_p.shape != exam_y.shape:
@@ -63,16 +70,27 @@ def rsna_log_loss(
         raise ValueError(f"rsna_log_loss: {len(exam_p)} studies but {len(image_probabilities)} image probability "
                          f"arrays and {len(image_labels)} image label arrays")
     weights = np.asarray(EXAM_WEIGHTS)
-    total = float((_log_loss_terms(exam_y, exam_p) * weights).sum())
-    weight = float(weights.sum()) * len(exam_p)
-    for p, y in zip(image_probabilities, image_labels, strict=True):
+    losses = (_log_loss_terms(exam_y, exam_p) * weights).sum(axis=1)
+    totals = np.full(len(exam_p), float(weights.sum()))
+    for i, (p, y) in enumerate(zip(image_probabilities, image_labels, strict=True)):
         p, y = np.asarray(p, dtype=np.float64), np.asarray(y, dtype=np.float64)
         if p.shape != y.shape or p.size == 0:
             raise ValueError(f"rsna_log_loss: a study has {p.size} image probabilities and {y.size} labels")
         share = float(y.mean())
-        total += IMAGE_WEIGHT * share * float(_log_loss_terms(y, p).sum())
-        weight += IMAGE_WEIGHT * share * len(y)
-    return total / weight
+        losses[i] += IMAGE_WEIGHT * share * float(_log_loss_terms(y, p).sum())
+        totals[i] += IMAGE_WEIGHT * share * len(y)
+    return losses, totals
+
+
+def rsna_log_loss(
+    exam_probabilities: np.ndarray,
+    exam_labels: np.ndarray,
+    image_probabilities: Sequence[np.ndarray],
+    image_labels: Sequence[np.ndarray],
+) -> float:
+    """The RSNA-STR PE challenge's weighted log loss of a set of studies: exam [N, 9], images one array per study."""
+    losses, weights = rsna_log_loss_terms(exam_probabilities, exam_labels, image_probabilities, image_labels)
+    return float(losses.sum() / weights.sum())
 
 
 def constant_predictions(
@@ -92,3 +110,44 @@ def pe_score(exam_probabilities: np.ndarray) -> np.ndarray:
     (1 - p(negative_exam_for_pe)) (1 - p(indeterminate)). Works on [9] or [N, 9]."""
     exam = np.asarray(exam_probabilities, dtype=np.float64)
     return (1.0 - exam[..., _NEGATIVE]) * (1.0 - exam[..., _INDETERMINATE])
+
+
+def stratified_resamples(labels: Sequence[float] | np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """``resamples`` bootstrap resamples of a set of studies, [resamples, N] indices: the positive studies drawn
+    with replacement from the positives and the others from the others, so that every resample keeps the set's
+    class counts (and its AUC stays defined)."""
+    labels = np.asarray(labels, dtype=np.float64).reshape(-1) > 0.5
+    if resamples < 1:
+        raise ValueError(f"stratified_resamples: resamples must be at least 1, got {resamples}")
+    rng = np.random.default_rng(seed)
+    columns = []
+    for group in (np.flatnonzero(labels), np.flatnonzero(~labels)):
+        if group.size:
+            columns.append(group[rng.integers(0, group.size, size=(resamples, group.size))])
+    return np.concatenate(columns, axis=1)
+
+
+def resampled_auc(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray,
+                  resamples: np.ndarray) -> np.ndarray:
+    """The AUC of each resample ([B, N] indices into ``labels`` and ``scores``), from the rank sum of the positives
+    (ties count half, as in ``auc``); NaN where a resample holds one class only."""
+    labels = np.asarray(labels, dtype=np.float64).reshape(-1) > 0.5
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if labels.shape != scores.shape:
+        raise ValueError(f"resampled_auc: {labels.size} labels but {scores.size} scores")
+    y, s = labels[resamples], scores[resamples]
+    positives = y.sum(axis=1).astype(np.float64)
+    negatives = y.shape[1] - positives
+    ranks = rankdata(s, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ((ranks * y).sum(axis=1) - positives * (positives + 1) / 2) / (positives * negatives)
+
+
+def interval(values: np.ndarray, level: float = 0.95) -> list[float] | None:
+    """The percentile interval holding ``level`` of ``values`` (NaNs left out); ``None`` if none are finite."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return None
+    tail = (1.0 - level) / 2 * 100
+    return [float(v) for v in np.percentile(values, [tail, 100 - tail])]

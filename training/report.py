@@ -41,6 +41,42 @@ def _number(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _interval(bounds: list[float] | None, digits: int = 3) -> str:
+    return "n/a" if bounds is None else f"{bounds[0]:.{digits}f}-{bounds[1]:.{digits}f}"
+
+
+def _signed(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:+.{digits}f}"
+
+
+def _bootstrap_section(metrics: dict[str, Any]) -> list[str]:
+    """How sure the numbers are: the full model against each baseline on the same bootstrap resamples."""
+    boot = metrics.get("bootstrap")
+    if not boot or not boot["full_against"]:
+        return []
+    level = round(boot["level"] * 100)
+    lines = [
+        "## The full model against the baselines",
+        "",
+        f"Paired over {boot['resamples']} bootstrap resamples of the studies (positive studies drawn from the "
+        f"positives, the others from the others; the same resamples for every model), {level} % intervals:",
+        "",
+        f"| baseline | study PE AUC, full minus baseline | {level} % CI | resamples with the full model ahead "
+        f"| RSNA log loss, full minus baseline | {level} % CI |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, result in boot["full_against"].items():
+        ahead = result["share_full_ahead"]
+        lines.append(
+            f"| {metrics['models'][name]['title']} | {_signed(result['study_pe_auc_difference'])} "
+            f"| {_interval(result['study_pe_auc_difference_ci'])} | {'n/a' if ahead is None else f'{ahead:.0%}'} "
+            f"| {_signed(result['rsna_log_loss_difference'], 4)} "
+            f"| {_interval(result['rsna_log_loss_difference_ci'], 4)} |"
+        )
+    lines += ["", "An interval that holds 0 means that this test set does not tell the two models apart.", ""]
+    return lines
+
+
 def _label_table(title: str, models: dict[str, Any], key: str) -> list[str]:
     """A markdown section: one row per label (the nine exam labels, then the image level), one column per model."""
     lines = [f"## {title}", "", "| label | " + " | ".join(r["title"] for r in models.values()) + " |",
@@ -65,30 +101,37 @@ def write_report(path: Path, metrics: dict[str, Any]) -> Path:
         "",
         "## Models",
         "",
-        "| model | study PE AUC | RSNA weighted log loss | study PE accuracy | mean exam-label accuracy "
-        "| image accuracy | studies breaking the label rules (before fix) |",
-        "|---|---|---|---|---|---|---|",
+        "| model | study PE AUC | 95 % CI | RSNA weighted log loss | 95 % CI | study PE accuracy "
+        "| mean exam-label accuracy | image accuracy | studies breaking the label rules (before fix) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for result in models.values():
+    intervals = metrics.get("bootstrap", {}).get("models", {})
+    for name, result in models.items():
         consistency = result["consistency"]
+        bounds = intervals.get(name, {})
         lines.append(
-            f"| {result['title']} | {_number(result['study_pe_auc'])} | {_number(result['rsna_log_loss'], 4)} "
+            f"| {result['title']} | {_number(result['study_pe_auc'])} | {_interval(bounds.get('study_pe_auc'))} "
+            f"| {_number(result['rsna_log_loss'], 4)} | {_interval(bounds.get('rsna_log_loss'), 4)} "
             f"| {_number(result['study_pe_accuracy'])} | {_number(result['mean_label_accuracy'])} "
             f"| {_number(result['accuracy'][IMAGE_LABEL])} "
             f"| {consistency['studies_breaking_rules_before']} of {consistency['studies']} |"
         )
     constant = metrics["constant_baseline"]["rsna_log_loss"]
     lines += [
-        f"| Constant prediction (training prevalences) | 0.5 by definition | {_number(constant, 4)} | | | | |",
+        f"| Constant prediction (training prevalences) | 0.5 by definition | | {_number(constant, 4)} | | | | | |",
         "",
         "The study PE score is the study head's (1 - p(negative)) (1 - p(indeterminate)) for the two CNN-LSTMs and "
         "the highest image probability for the CNN alone. The RSNA weighted log loss is the competition metric over "
         "the whole set, on the label-consistent outputs (every model's outputs pass the RSNA checker after "
         "`make_consistent`: "
         + ", ".join(f"{r['consistency']['studies_breaking_rules_after']} left" for r in models.values())
-        + "). Accuracy is at a threshold of 0.5.",
+        + "). Accuracy is at a threshold of 0.5."
+        + (f" The intervals are {round(metrics['bootstrap']['level'] * 100)} % percentile intervals over "
+           f"{metrics['bootstrap']['resamples']} bootstrap resamples of the studies." if "bootstrap" in metrics
+           else ""),
         "",
     ]
+    lines += _bootstrap_section(metrics)
     lines += _label_table("AUC per label", models, "auc")
     lines += ["", "n/a: the label has only one class among these studies.", ""]
     lines += _label_table("Accuracy per label (threshold 0.5)", models, "accuracy")

@@ -99,6 +99,8 @@ def test_pipeline_trains_evaluates_and_exports_a_checkpoint_pe_node_serves(works
     assert all(m["consistency"]["studies_breaking_rules_after"] == 0 for m in metrics["models"].values())
     report = (root / "report/report.md").read_text()
     assert "What phantoms cannot tell about real data" in report and "Constant prediction" in report
+    assert set(metrics["bootstrap"]["full_against"]) == {"baseline_mean", "baseline_cnn"}
+    assert "## The full model against the baselines" in report
 
     _run("export", "--stage1", str(root / "stage1/best.pt"), "--stage2", str(root / "attention/best.pt"), "--out",
          str(root / "pe-test.pt"), "--evaluation", str(root / "report/metrics.json"))
@@ -107,6 +109,7 @@ def test_pipeline_trains_evaluates_and_exports_a_checkpoint_pe_node_serves(works
     provenance = loaded.meta.provenance
     assert provenance["stage1"]["command"][:2] == ["pe-train", "stage1"]
     assert provenance["evaluation"]["models"]["full"]["title"].startswith("Full model")
+    assert provenance["evaluation"]["bootstrap"] == metrics["bootstrap"]
     study = next(s for s in read_rspect(phantom_heldout_dir).values() if s.pe_present)
     series = load_series(study.images[0].path.parent)
     prediction = Predictor.from_checkpoint(root / "pe-test.pt", device="cpu").predict(series, cam_slices=1)

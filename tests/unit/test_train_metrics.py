@@ -8,9 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-from pe_node.findings import EXAM_LABELS, EXAM_WEIGHTS, IMAGE_WEIGHT
+from pe_node.findings import EXAM_LABELS, EXAM_WEIGHTS, IMAGE_LABEL, IMAGE_WEIGHT
 from pe_node.model import rsna_loss
-from training.metrics import accuracy, auc, constant_predictions, pe_score, rsna_log_loss
+from training.cache import CachedStudy
+from training.evaluate import BASELINE_CNN, BASELINE_MEAN, FULL, TITLES, Predictions, bootstrap
+from training.metrics import (
+    accuracy,
+    auc,
+    constant_predictions,
+    interval,
+    pe_score,
+    resampled_auc,
+    rsna_log_loss,
+    rsna_log_loss_terms,
+    stratified_resamples,
+)
+from training.report import write_report
 
 
 def test_auc_counts_the_correctly_ordered_pairs() -> None:
@@ -81,3 +94,110 @@ def test_pe_score_is_high_only_when_neither_negative_nor_indeterminate() -> None
     exam[0, EXAM_LABELS.index("negative_exam_for_pe")] = 0.9
     exam[1, EXAM_LABELS.index("indeterminate")] = 0.8
     assert pe_score(exam) == pytest.approx([0.1, 0.2, 1.0])
+
+
+def _random_set(rng: np.random.Generator, studies: int) -> tuple[np.ndarray, np.ndarray, list, list]:
+    exam_p, exam_y = rng.uniform(0.01, 0.99, (studies, 9)), rng.integers(0, 2, (studies, 9)).astype(np.float64)
+    lengths = rng.integers(3, 9, studies)
+    images_p = [rng.uniform(0.01, 0.99, n) for n in lengths]
+    images_y = [(rng.uniform(size=n) < 0.3).astype(np.float64) for n in lengths]
+    return exam_p, exam_y, images_p, images_y
+
+
+def test_rsna_log_loss_of_any_subset_is_the_sum_of_its_studies_terms() -> None:
+    exam_p, exam_y, images_p, images_y = _random_set(np.random.default_rng(1), 7)
+    losses, weights = rsna_log_loss_terms(exam_p, exam_y, images_p, images_y)
+    assert losses.shape == weights.shape == (7,)
+    assert losses.sum() / weights.sum() == pytest.approx(rsna_log_loss(exam_p, exam_y, images_p, images_y))
+    pick = [0, 3, 3, 6]  # a resample: study 3 twice
+    expected = rsna_log_loss(exam_p[pick], exam_y[pick], [images_p[i] for i in pick], [images_y[i] for i in pick])
+    assert losses[pick].sum() / weights[pick].sum() == pytest.approx(expected, rel=1e-12)
+
+
+def test_stratified_resamples_keep_the_class_counts_and_are_deterministic_for_a_seed() -> None:
+    labels = np.array([1, 0, 0, 1, 0, 0, 0, 1, 0, 0])
+    draws = stratified_resamples(labels, 500, seed=3)
+    assert draws.shape == (500, 10)
+    assert np.all(labels[draws].sum(axis=1) == 3)  # three positives in every resample
+    assert set(np.unique(draws[:, :3])) == {0, 3, 7} and set(np.unique(draws[:, 3:])) == {1, 2, 4, 5, 6, 8, 9}
+    assert np.array_equal(draws, stratified_resamples(labels, 500, seed=3))
+    assert not np.array_equal(draws, stratified_resamples(labels, 500, seed=4))
+    assert len({tuple(row) for row in draws}) > 400  # they do resample
+    with pytest.raises(ValueError, match="at least 1"):
+        stratified_resamples(labels, 0, seed=0)
+
+
+def test_resampled_auc_is_the_auc_of_each_resample_ties_included() -> None:
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 30)
+    scores = np.round(rng.uniform(size=30), 1)  # many ties
+    draws = np.vstack([stratified_resamples(labels, 50, seed=1), np.arange(30)[None]])
+    got = resampled_auc(labels, scores, draws)
+    assert got == pytest.approx([auc(labels[d], scores[d]) for d in draws], abs=1e-12)
+    assert got[-1] == pytest.approx(auc(labels, scores))
+    assert np.isnan(resampled_auc([1, 0, 0], [0.5, 0.2, 0.1], np.array([[1, 2, 2]])))[0]  # one class: undefined
+
+
+def test_interval_is_the_central_share_of_the_values() -> None:
+    values = np.arange(1001, dtype=np.float64) / 1000
+    assert interval(values) == pytest.approx([0.025, 0.975])
+    assert interval(np.array([np.nan, 0.2, 0.4]), level=1.0) == pytest.approx([0.2, 0.4])
+    assert interval(np.array([np.nan])) is None
+
+
+def _study(number: int, positive: bool) -> CachedStudy:
+    image = np.zeros(6, dtype=np.uint8)
+    image[2:4] = positive
+    labels = {label: 0 for label in EXAM_LABELS}
+    labels["negative_exam_for_pe"] = int(not positive)
+    return CachedStudy(study_instance_uid=f"1.2.{number}", series_instance_uid=f"1.3.{number}", split="test",
+                       labels=labels, image=image, sop_instance_uids=tuple(f"1.4.{number}.{k}" for k in range(6)),
+                       crop=None)
+
+
+def _predictions(pe: np.ndarray, studies: list[CachedStudy]) -> Predictions:
+    exam = np.full((len(pe), 9), 0.1)
+    exam[:, EXAM_LABELS.index("negative_exam_for_pe")] = 1 - pe
+    image = [np.full(s.slices, p) for s, p in zip(studies, pe, strict=True)]
+    return Predictions(exam_raw=exam, image_raw=image, exam=exam, image=image, pe=pe_score(exam), violations=0)
+
+
+def test_bootstrap_tells_a_better_model_from_a_baseline_and_an_equal_one_from_itself(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(size=60) < 0.35
+    studies = [_study(i, bool(t)) for i, t in enumerate(truth)]
+    separating = np.where(truth, rng.uniform(0.6, 0.95, 60), rng.uniform(0.05, 0.5, 60))
+    guessing = rng.uniform(0.05, 0.95, 60)
+    predictions = {FULL: _predictions(separating, studies), BASELINE_MEAN: _predictions(separating, studies),
+                   BASELINE_CNN: _predictions(guessing, studies)}
+    result = bootstrap(predictions, studies, resamples=400, seed=0)
+    assert result["resamples"] == 400 and result["level"] == 0.95
+    assert result["models"][FULL]["study_pe_auc"] == pytest.approx([1.0, 1.0])  # it separates every resample
+    low, high = result["models"][BASELINE_CNN]["study_pe_auc"]
+    assert low < auc(truth, guessing) < high and high - low > 0.1
+    ahead = result["full_against"][BASELINE_CNN]
+    assert ahead["study_pe_auc_difference"] == pytest.approx(1 - auc(truth, guessing))
+    assert ahead["study_pe_auc_difference_ci"][0] > 0 and ahead["share_full_ahead"] == 1.0
+    assert ahead["rsna_log_loss_difference_ci"][1] < 0  # and its loss is lower in every resample's interval
+    same = result["full_against"][BASELINE_MEAN]
+    assert same["study_pe_auc_difference"] == 0 and same["study_pe_auc_difference_ci"] == [0.0, 0.0]
+    assert same["share_full_ahead"] == 0.5  # ties count half
+    assert bootstrap(predictions, studies, resamples=400, seed=0) == result
+
+    metrics = {
+        "split": "test", "studies": 60, "figures": [], "bootstrap": result,
+        "data": {"source": "phantoms", "phantoms": False, "splits": {"test": {"negative": int((~truth).sum())}}},
+        "constant_baseline": {"rsna_log_loss": 0.37},
+        "models": {name: {"title": TITLES[name], "study_pe_auc": auc(truth, p.pe), "rsna_log_loss": 0.2,
+                          "study_pe_accuracy": 0.8, "mean_label_accuracy": 0.8,
+                          "accuracy": {label: 0.8 for label in (*EXAM_LABELS, IMAGE_LABEL)},
+                          "auc": {label: None for label in (*EXAM_LABELS, IMAGE_LABEL)},
+                          "consistency": {"studies_breaking_rules_before": 0, "studies_breaking_rules_after": 0,
+                                          "studies": 60}}
+                   for name, p in predictions.items()},
+    }
+    report = write_report(tmp_path / "report.md", metrics).read_text()
+    assert "## The full model against the baselines" in report
+    row = next(line for line in report.splitlines() if line.startswith(f"| {TITLES[BASELINE_CNN]} | +"))
+    assert f"| {ahead['study_pe_auc_difference']:+.3f} |" in row and "| 100% |" in row
+    assert "400 bootstrap resamples" in report
