@@ -539,7 +539,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main_phantoms(argv: list[str] | None = None) -> int:
-    """``pe-train phantoms`` as a function, until the pe-train command wires ``add_arguments`` and ``run``."""
+    """``pe-train phantoms`` on its own (``python -m training.phantoms``): the same arguments and exit statuses."""
     parser = argparse.ArgumentParser(prog="pe-train phantoms", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
