@@ -41,8 +41,11 @@ def _number(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _interval(bounds: list[float] | None, digits: int = 3) -> str:
-    return "n/a" if bounds is None else f"{bounds[0]:.{digits}f}-{bounds[1]:.{digits}f}"
+def _interval(bounds: list[float] | None, digits: int = 3, signed: bool = False) -> str:
+    if bounds is None:
+        return "n/a"
+    sign = "+" if signed else ""
+    return f"{bounds[0]:{sign}.{digits}f} to {bounds[1]:{sign}.{digits}f}"
 
 
 def _signed(value: float | None, digits: int = 3) -> str:
@@ -66,12 +69,12 @@ def _bootstrap_section(metrics: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for name, result in boot["full_against"].items():
-        ahead = result["share_full_ahead"]
+        ahead = "n/a" if result["share_full_ahead"] is None else f"{result['share_full_ahead']:.0%}"
         lines.append(
             f"| {metrics['models'][name]['title']} | {_signed(result['study_pe_auc_difference'])} "
-            f"| {_interval(result['study_pe_auc_difference_ci'])} | {'n/a' if ahead is None else f'{ahead:.0%}'} "
+            f"| {_interval(result['study_pe_auc_difference_ci'], signed=True)} | {ahead} "
             f"| {_signed(result['rsna_log_loss_difference'], 4)} "
-            f"| {_interval(result['rsna_log_loss_difference_ci'], 4)} |"
+            f"| {_interval(result['rsna_log_loss_difference_ci'], 4, signed=True)} |"
         )
     lines += ["", "An interval that holds 0 means that this test set does not tell the two models apart.", ""]
     return lines
