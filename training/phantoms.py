@@ -446,14 +446,19 @@ def _make_study(job: tuple[Path, int, int, tuple[int, int], int]) -> _StudyResul
 
 
 def generate(out: Path, studies: int, seed: int, slices: tuple[int, int] = DEFAULT_SLICES, size: int = DEFAULT_SIZE,
-             workers: int = 1, progress: bool = True) -> PhantomSummary:
+             workers: int = 1, progress: bool = True, first: int = 0) -> PhantomSummary:
     """Write ``studies`` phantom studies made with ``seed`` to ``out`` in the RSPECT layout.
 
     ``slices`` bounds each study's slice count, ``size`` its Rows and Columns; ``workers`` processes make studies
     in parallel (the files do not depend on it). ``out`` may exist but must not hold train.csv or train/ yet.
+    A study depends on the seed and its index alone: ``first`` starts at that index, so ``first=400, studies=400``
+    writes the same files as studies 400-799 of ``studies=800``, and a set can be grown, or made in parts on several
+    machines, and merged (train.csv rows one after the other, the train/ folders side by side).
     """
     if studies < 1:
         raise ValueError(f"studies must be at least 1, got {studies}")
+    if first < 0:
+        raise ValueError(f"first must be a non-negative study index, got {first}")
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
     if not (8 <= slices[0] <= slices[1]):
@@ -469,7 +474,7 @@ def generate(out: Path, studies: int, seed: int, slices: tuple[int, int] = DEFAU
             raise FileExistsError(f"{existing} exists; phantoms are written to a fresh folder")
     images.mkdir(parents=True)
     started = time.monotonic()
-    jobs = [(images, seed, index, slices, size) for index in range(studies)]
+    jobs = [(images, seed, index, slices, size) for index in range(first, first + studies)]
     results: list[_StudyResult] = []
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
@@ -518,6 +523,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder to write train.csv and train/ into")
     parser.add_argument("--studies", type=int, required=True, help="number of studies")
     parser.add_argument("--seed", type=int, default=0, help="random seed; a seed gives byte-identical output")
+    parser.add_argument("--first", type=int, default=0, metavar="INDEX",
+                        help="index of the first study (default 0): --first 400 --studies 400 writes studies 400-799 "
+                        "of the seed, the same files as those of --studies 800")
     parser.add_argument("--slices", type=slice_range, default=DEFAULT_SLICES, metavar="A-B",
                         help=f"slices per study, drawn from A-B (default {DEFAULT_SLICES[0]}-{DEFAULT_SLICES[1]})")
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"rows and columns (default {DEFAULT_SIZE})")
@@ -530,7 +538,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``pe-train phantoms`` with parsed arguments; print the summary. Returns the exit status."""
     try:
         summary = generate(args.out, args.studies, args.seed, args.slices, args.size, args.workers,
-                           progress=not args.quiet)
+                           progress=not args.quiet, first=args.first)
     except (ValueError, FileExistsError) as error:
         print(f"pe-train phantoms: {error}", file=sys.stderr)
         return 2

@@ -106,6 +106,19 @@ def test_same_seed_gives_identical_files_and_more_studies_extend_fewer(
     assert (out / "train.csv").read_text().startswith((fewer / "train.csv").read_text())
 
 
+def test_first_writes_the_later_studies_of_the_larger_set(
+        tmp_path: Path, phantom_set: tuple[Path, PhantomSummary]) -> None:
+    out, _ = phantom_set
+    later = tmp_path / "later"
+    summary = generate(later, 3, SEED, SLICES, SIZE, progress=False, first=STUDIES - 3)
+    full, part = _hashes(out / "train"), _hashes(later / "train")
+    assert summary.studies == 3 and len({name.split("/")[0] for name in part}) == 3
+    assert all(full[name] == digest for name, digest in part.items())
+    assert _rows(later) == _rows(out)[-len(_rows(later)):]  # train.csv: the larger set's last rows
+    with pytest.raises(ValueError, match="first must be a non-negative"):
+        generate(tmp_path / "bad", 1, SEED, SLICES, SIZE, progress=False, first=-1)
+
+
 def test_a_different_seed_gives_different_studies(tmp_path: Path, phantom_set: tuple[Path, PhantomSummary]) -> None:
     out, _ = phantom_set
     other = tmp_path / "other"
