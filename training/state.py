@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 
 from pe_node.model import PEModel, create_model, load_checkpoint
-from pe_node.model.checkpoint import CHECKPOINT_FORMAT, CheckpointError
+from pe_node.model.checkpoint import CHECKPOINT_FORMAT, CheckpointError, save_atomically
 
 STATE_FORMAT = "pe-train-state"
 
@@ -67,16 +66,7 @@ class TrainState:
 
 def save_state(path: Path, state: TrainState) -> Path:
     """Write ``state`` to ``path`` atomically (a crash never leaves half a last.pt)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state.to_dict(), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_atomically(state.to_dict(), path)
 
 
 def load_state(path: Path, stage: str | None = None) -> TrainState:

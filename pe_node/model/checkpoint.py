@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
+import secrets
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,15 +95,30 @@ def save_checkpoint(
         "stage1": _stored(model.encoder, half),
         "stage2": _stored(model.sequence, half),
     }
+    return save_atomically(contents, path)
+
+
+def save_atomically(contents: Any, path: str | Path) -> Path:
+    """``torch.save`` to a new file beside ``path``, then rename it over ``path``: a crash never leaves half a file.
+
+    The file gets the permissions of any new file under the umask (usually 0644): ``tempfile.mkstemp`` makes them
+    0600, and a checkpoint exported by one user would then not load in a pe-node service running as another.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
+        try:
+            stream = open(tmp, "xb")  # noqa: SIM115 (closed below, once written)
+        except FileExistsError:
+            continue
+        break
     try:
-        torch.save(contents, tmp)
+        with stream:
+            torch.save(contents, stream)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import stat
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 from pe_node import __version__
 from pe_node.findings import EXAM_LABELS, IMAGE_LABEL
 from pe_node.model import CheckpointError, PreprocessConfig, load_checkpoint, save_checkpoint
-from pe_node.model.checkpoint import file_sha256
+from pe_node.model.checkpoint import file_sha256, save_atomically
 from tests.tiny_models import TINY_PREPROCESS, tiny_model
 
 
@@ -44,6 +46,23 @@ def test_round_trip_keeps_weights_configs_labels_and_provenance(tmp_path: Path) 
     assert loaded.meta.pe_node_version == __version__
     assert loaded.meta.sha256 == file_sha256(path)
     assert not loaded.model.training
+
+
+def test_a_saved_checkpoint_is_readable_as_any_new_file_and_replaces_the_old_one_whole(tmp_path: Path) -> None:
+    # a service user (deploy/systemd: User=pe-node) must be able to read what an ML engineer exported
+    previous = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "model.pt", tiny_model(seed=1), TINY_PREPROCESS)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        save_checkpoint(path, tiny_model(seed=2), TINY_PREPROCESS, {"run": 2})
+    finally:
+        os.umask(previous)
+    assert load_checkpoint(path).meta.provenance == {"run": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left beside it
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):  # a save that fails half-way...
+        save_atomically({"weights": torch.zeros(1000), "hook": lambda: None}, path)
+    # ...leaves the old file as it was, and nothing beside it
+    assert load_checkpoint(path).meta.provenance == {"run": 2} and len(list(tmp_path.iterdir())) == 1
 
 
 def test_half_precision_storage_is_smaller_and_loads_back_as_float32(tmp_path: Path) -> None:
