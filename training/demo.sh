@@ -8,10 +8,11 @@
 # TEST_STUDIES (held-out phantoms, 80), WORKERS (phantom-writing processes, 2), PE_TRAIN (the pe-train command).
 # Stage 2 learns from the embeddings of studies stage 1 never saw (a second phantom set, seed 3): on the embeddings
 # of stage 1's own training studies it learns how stage 1 behaves on studies it was fitted to, not on new ones.
-# The shipped weights come from `CONFIG=training/configs/demo-gpu.yaml STUDIES=1000 WORKERS=16` on one GPU (about
-# nine minutes on an H200); demo.yaml, the default, is the same recipe sized for two CPU cores (about 75 minutes,
-# weaker weights). A CUDA GPU is used when present (device: auto). The same commands train on the real RSNA-STR
-# data set: point `prepare --data` at it instead of the phantoms and raise the sizes in the config.
+# The shipped weights come from `CONFIG=training/configs/demo-gpu.yaml STUDIES=1000 STAGE2_STUDIES=800
+# TEST_STUDIES=400 WORKERS=16` on one GPU (about nine minutes of stage 1 and data on an H200); demo.yaml, the
+# default, is the same recipe sized for two CPU cores (about 75 minutes, weaker weights). A CUDA GPU is used when
+# present (device: auto). The same commands train on the real RSNA-STR data set: point `prepare --data` at it
+# instead of the phantoms and raise the sizes in the config.
 set -euo pipefail
 
 WORK=${1:-runs/demo}

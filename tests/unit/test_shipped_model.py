@@ -34,10 +34,16 @@ def test_the_model_card_gives_the_checkpoints_own_evaluation_numbers() -> None:
     evaluation = load_checkpoint(CHECKPOINT).meta.provenance["evaluation"]
     card = CARD.read_text(encoding="utf-8")
     assert evaluation["phantoms"] is True
-    for result in evaluation["models"].values():
+    intervals = evaluation["bootstrap"]["models"]
+    for name, result in evaluation["models"].items():
         row = next(line for line in card.splitlines() if line.startswith(f"| {result['title']} |"))
         assert f"| {result['study_pe_auc']:.3f} |" in row, row
         assert f"| {result['rsna_log_loss']:.4f} |" in row, row
+        low, high = intervals[name]["study_pe_auc"]
+        assert f"| {low:.3f}-{high:.3f} |" in row, row
+    for name, lead in evaluation["bootstrap"]["full_against"].items():
+        low, high = lead["study_pe_auc_difference_ci"]
+        assert f"| {lead['study_pe_auc_difference']:+.3f} | {low:+.3f} to {high:+.3f} |" in card, name
     assert f"{evaluation['constant_baseline_rsna_log_loss']:.4f}" in card
     assert "not for clinical use" in card.lower()
     assert "training/demo.sh" in card
