@@ -180,6 +180,10 @@ def _evaluate(args: argparse.Namespace, config: TrainConfig, command: list[str])
         print(f"{result['title']}: study PE AUC {'n/a' if pe_auc is None else f'{pe_auc:.3f}'}"
               + (f" (95 % CI {bounds[0]:.3f}-{bounds[1]:.3f})" if bounds else "")
               + f", RSNA log loss {result['rsna_log_loss']:.4f}, study PE accuracy {result['study_pe_accuracy']:.3f}")
+        reading = result["node_reading"]
+        if reading["sensitivity"] is not None and reading["specificity"] is not None:
+            print(f"  as pe-node would report it: positive studies read present {reading['sensitivity']:.3f}, "
+                  f"negative studies read absent {reading['specificity']:.3f}")
     for name, result in metrics.get("bootstrap", {}).get("full_against", {}).items():
         difference, bounds = result["study_pe_auc_difference"], result["study_pe_auc_difference_ci"]
         if difference is not None and bounds is not None:

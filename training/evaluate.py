@@ -28,10 +28,11 @@ import pydicom
 import torch
 from tqdm import tqdm
 
-from pe_node.findings import EXAM_LABELS, IMAGE_LABEL
+from pe_node.findings import EXAM_LABELS, IMAGE_LABEL, Prediction
 from pe_node.model import PEModel, Predictor, PreprocessConfig, check, make_consistent
 from pe_node.model.checkpoint import file_sha256
 from pe_node.pipeline.series import load_series
+from pe_node.reporting.outcome import ExamResult, exam_probability, exam_result
 from training.cache import CachedStudy
 from training.config import EvaluateConfig
 from training.ctimage import MANUFACTURER
@@ -64,9 +65,14 @@ MIN_STUDIES = 4
 """The fewest studies an evaluation accepts (t-SNE needs a few points, AUCs need both classes)."""
 
 
+READINGS = {ExamResult.POSITIVE: "present", ExamResult.NEGATIVE: "absent", ExamResult.INDETERMINATE: "undetermined"}
+"""How pe-node's report reads an exam (the SR's PE finding), by the name the evaluation gives each reading."""
+
+
 @dataclass
 class Predictions:
-    """One model's outputs on the evaluated studies, raw and label-consistent, in study order."""
+    """One model's outputs on the evaluated studies, raw and label-consistent, in study order; ``reading`` and
+    ``reported`` are what pe-node's report would say of each study (the reading and the PE probability it gives)."""
 
     exam_raw: np.ndarray
     image_raw: list[np.ndarray]
@@ -74,6 +80,8 @@ class Predictions:
     image: list[np.ndarray]
     pe: np.ndarray
     violations: int
+    reading: list[str]
+    reported: np.ndarray
     study_features: np.ndarray | None = None
     attention: list[np.ndarray] | None = None
 
@@ -180,14 +188,35 @@ def predict_cnn(features: FeatureSet, studies: list[CachedStudy], stage1: TrainS
 
 def _consistent(exam_raw: np.ndarray, image_raw: list[np.ndarray]) -> Predictions:
     violations = 0
-    exam, image = [], []
+    exam, image, reading, reported = [], [], [], []
     for p, images in zip(exam_raw, image_raw, strict=True):
         violations += bool(check(p, images))
         fixed = make_consistent(p, images)
         exam.append(fixed.exam)
         image.append(fixed.image)
+        served = Prediction(series_instance_uid="", sop_instance_uids=[], exam=dict(zip(EXAM_LABELS, fixed.exam)),
+                            image=fixed.image, attention=np.zeros(len(fixed.image)))
+        reading.append(READINGS[exam_result(served)])
+        reported.append(exam_probability(served))
     return Predictions(exam_raw=exam_raw, image_raw=image_raw, exam=np.stack(exam), image=image,
-                       pe=np.zeros(len(exam)), violations=violations)
+                       pe=np.zeros(len(exam)), violations=violations, reading=reading, reported=np.array(reported))
+
+
+def node_reading(predictions: Predictions, studies: list[CachedStudy]) -> dict[str, Any]:
+    """What pe-node's reports would say of these studies: how each kind of study (negative, positive,
+    indeterminate) is read (present, absent, undetermined), the sensitivity (positive studies read present), the
+    specificity (negative studies read absent), and the AUC of the PE probability the report gives."""
+    truth = [s.exam_class for s in studies]
+    readings = {kind: {name: 0 for name in READINGS.values()} for kind in ("negative", "positive", "indeterminate")}
+    for kind, reading in zip(truth, predictions.reading, strict=True):
+        readings[kind][reading] += 1
+    positives, negatives = sum(readings["positive"].values()), sum(readings["negative"].values())
+    return {
+        "readings": readings,
+        "sensitivity": readings["positive"]["present"] / positives if positives else None,
+        "specificity": readings["negative"]["absent"] / negatives if negatives else None,
+        "reported_pe_auc": auc([kind == "positive" for kind in truth], predictions.reported),
+    }
 
 
 def score(predictions: Predictions, studies: list[CachedStudy]) -> dict[str, Any]:
@@ -209,6 +238,7 @@ def score(predictions: Predictions, studies: list[CachedStudy]) -> dict[str, Any
         "auc": aucs,
         "accuracy": accuracies,
         "mean_label_accuracy": float(np.mean([accuracies[label] for label in EXAM_LABELS])),
+        "node_reading": node_reading(predictions, studies),
         "consistency": {"studies_breaking_rules_before": predictions.violations,
                         "studies_breaking_rules_after": remaining, "studies": len(studies)},
     }
@@ -220,16 +250,25 @@ LEVEL = 0.95
 
 def bootstrap(predictions: dict[str, Predictions], studies: list[CachedStudy], resamples: int,
               seed: int) -> dict[str, Any]:
-    """95 % percentile intervals of each model's study PE AUC and RSNA weighted log loss over ``resamples``
-    stratified resamples of the studies, and the paired differences of the full model from each baseline (the same
-    resamples for every model): the difference's interval and the share of resamples in which the full model is
-    ahead (ties count half)."""
+    """95 % percentile intervals of each model's study PE AUC, RSNA weighted log loss and node reading (sensitivity,
+    specificity, AUC of the reported PE probability) over ``resamples`` stratified resamples of the studies, and the
+    paired differences of the full model from each baseline (the same resamples for every model): the difference's
+    interval and the share of resamples in which the full model is ahead (ties count half)."""
     positive = np.array([s.exam_class == "positive" for s in studies])
     draws = stratified_resamples(positive, resamples, seed)
     exam_y = np.stack([s.exam for s in studies])
     image_y = [s.image.astype(np.float64) for s in studies]
-    aucs, losses, point_auc, point_loss = {}, {}, {}, {}
+    negative = np.array([s.exam_class == "negative" for s in studies])
+    aucs, losses, point_auc, point_loss, reading = {}, {}, {}, {}, {}
     for name, p in predictions.items():
+        present = np.array([r == "present" for r in p.reading])[draws]
+        absent = np.array([r == "absent" for r in p.reading])[draws]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            reading[name] = {
+                "sensitivity": interval((present & positive[draws]).sum(axis=1) / positive[draws].sum(axis=1), LEVEL),
+                "specificity": interval((absent & negative[draws]).sum(axis=1) / negative[draws].sum(axis=1), LEVEL),
+                "reported_pe_auc": interval(resampled_auc(positive, p.reported, draws), LEVEL),
+            }
         aucs[name] = resampled_auc(positive, p.pe, draws)
         point_auc[name] = auc(positive, p.pe)
         loss, weight = rsna_log_loss_terms(p.exam, exam_y, p.image, image_y)
@@ -237,7 +276,8 @@ def bootstrap(predictions: dict[str, Predictions], studies: list[CachedStudy], r
         point_loss[name] = float(loss.sum() / weight.sum())
     result: dict[str, Any] = {
         "resamples": resamples, "level": LEVEL, "seed": seed,
-        "models": {name: {"study_pe_auc": interval(aucs[name], LEVEL), "rsna_log_loss": interval(losses[name], LEVEL)}
+        "models": {name: {"study_pe_auc": interval(aucs[name], LEVEL), "rsna_log_loss": interval(losses[name], LEVEL),
+                          **reading[name]}
                    for name in predictions},
         "full_against": {},
     }

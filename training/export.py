@@ -93,7 +93,7 @@ def _evaluation(path: Path) -> dict[str, Any]:
         "constant_baseline_rsna_log_loss": metrics["constant_baseline"]["rsna_log_loss"],
         "models": {
             name: {key: result[key] for key in ("title", "study_pe_auc", "rsna_log_loss", "study_pe_accuracy",
-                                                "mean_label_accuracy", "auc")}
+                                                "mean_label_accuracy", "auc", "node_reading") if key in result}
             for name, result in metrics["models"].items()
         },
         **({"bootstrap": metrics["bootstrap"]} if "bootstrap" in metrics else {}),

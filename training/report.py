@@ -80,6 +80,37 @@ def _bootstrap_section(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _reading_section(metrics: dict[str, Any]) -> list[str]:
+    """What pe-node's reports would say of the studies: readings per kind of study, sensitivity, specificity."""
+    intervals = metrics.get("bootstrap", {}).get("models", {})
+    lines = [
+        "## What pe-node would report",
+        "",
+        "pe-node's report reads an exam *present* when its highest image probability is above 0.5 (the RSNA rule), "
+        "*absent* when `negative_exam_for_pe` is above 0.5 and `indeterminate` is not, and *undetermined* otherwise, "
+        "and gives the PE probability of `pe_node.reporting.outcome.exam_probability`. Read so:",
+        "",
+        "| model | positive read present (sensitivity) | 95 % CI | negative read absent (specificity) | 95 % CI "
+        "| negative read present | read undetermined: negative / positive / indeterminate "
+        "| AUC of the reported PE probability | 95 % CI |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, result in metrics["models"].items():
+        reading, bounds = result["node_reading"], intervals.get(name, {})
+        counts = reading["readings"]
+        kinds = ("negative", "positive", "indeterminate")
+        totals = {kind: sum(counts[kind].values()) for kind in kinds}
+        undetermined = " / ".join(str(counts[kind]["undetermined"]) for kind in kinds)
+        lines.append(
+            f"| {result['title']} | {_number(reading['sensitivity'])} | {_interval(bounds.get('sensitivity'))} "
+            f"| {_number(reading['specificity'])} | {_interval(bounds.get('specificity'))} "
+            f"| {counts['negative']['present']} of {totals['negative']} "
+            f"| {undetermined} "
+            f"| {_number(reading['reported_pe_auc'])} | {_interval(bounds.get('reported_pe_auc'))} |"
+        )
+    return lines + [""]
+
+
 def _label_table(title: str, models: dict[str, Any], key: str) -> list[str]:
     """A markdown section: one row per label (the nine exam labels, then the image level), one column per model."""
     lines = [f"## {title}", "", "| label | " + " | ".join(r["title"] for r in models.values()) + " |",
@@ -135,6 +166,8 @@ def write_report(path: Path, metrics: dict[str, Any]) -> Path:
         "",
     ]
     lines += _bootstrap_section(metrics)
+    if all("node_reading" in result for result in models.values()):
+        lines += _reading_section(metrics)
     lines += _label_table("AUC per label", models, "auc")
     lines += ["", "n/a: the label has only one class among these studies.", ""]
     lines += _label_table("Accuracy per label (threshold 0.5)", models, "accuracy")

@@ -100,7 +100,9 @@ def test_pipeline_trains_evaluates_and_exports_a_checkpoint_pe_node_serves(works
     report = (root / "report/report.md").read_text()
     assert "What phantoms cannot tell about real data" in report and "Constant prediction" in report
     assert set(metrics["bootstrap"]["full_against"]) == {"baseline_mean", "baseline_cnn"}
-    assert "## The full model against the baselines" in report
+    assert "## The full model against the baselines" in report and "## What pe-node would report" in report
+    readings = metrics["models"]["full"]["node_reading"]["readings"]
+    assert sum(sum(kind.values()) for kind in readings.values()) == 5
 
     _run("export", "--stage1", str(root / "stage1/best.pt"), "--stage2", str(root / "attention/best.pt"), "--out",
          str(root / "pe-test.pt"), "--evaluation", str(root / "report/metrics.json"))

@@ -11,7 +11,16 @@ import torch
 from pe_node.findings import EXAM_LABELS, EXAM_WEIGHTS, IMAGE_LABEL, IMAGE_WEIGHT
 from pe_node.model import rsna_loss
 from training.cache import CachedStudy
-from training.evaluate import BASELINE_CNN, BASELINE_MEAN, FULL, TITLES, Predictions, bootstrap
+from training.evaluate import (
+    BASELINE_CNN,
+    BASELINE_MEAN,
+    FULL,
+    TITLES,
+    Predictions,
+    _consistent,
+    bootstrap,
+    node_reading,
+)
 from training.metrics import (
     accuracy,
     auc,
@@ -159,7 +168,8 @@ def _predictions(pe: np.ndarray, studies: list[CachedStudy]) -> Predictions:
     exam = np.full((len(pe), 9), 0.1)
     exam[:, EXAM_LABELS.index("negative_exam_for_pe")] = 1 - pe
     image = [np.full(s.slices, p) for s, p in zip(studies, pe, strict=True)]
-    return Predictions(exam_raw=exam, image_raw=image, exam=exam, image=image, pe=pe_score(exam), violations=0)
+    return Predictions(exam_raw=exam, image_raw=image, exam=exam, image=image, pe=pe_score(exam), violations=0,
+                       reading=["present" if p > 0.5 else "absent" for p in pe], reported=pe)
 
 
 def test_bootstrap_tells_a_better_model_from_a_baseline_and_an_equal_one_from_itself(tmp_path) -> None:
@@ -184,6 +194,10 @@ def test_bootstrap_tells_a_better_model_from_a_baseline_and_an_equal_one_from_it
     assert same["share_full_ahead"] == 0.5  # ties count half
     assert bootstrap(predictions, studies, resamples=400, seed=0) == result
 
+    assert result["models"][FULL]["sensitivity"] == [1.0, 1.0] and result["models"][FULL]["specificity"] == [1.0, 1.0]
+    low, high = result["models"][BASELINE_CNN]["sensitivity"]
+    assert 0 < low < high < 1
+
     metrics = {
         "split": "test", "studies": 60, "figures": [], "bootstrap": result,
         "data": {"source": "phantoms", "phantoms": False, "splits": {"test": {"negative": int((~truth).sum())}}},
@@ -193,7 +207,8 @@ def test_bootstrap_tells_a_better_model_from_a_baseline_and_an_equal_one_from_it
                           "accuracy": {label: 0.8 for label in (*EXAM_LABELS, IMAGE_LABEL)},
                           "auc": {label: None for label in (*EXAM_LABELS, IMAGE_LABEL)},
                           "consistency": {"studies_breaking_rules_before": 0, "studies_breaking_rules_after": 0,
-                                          "studies": 60}}
+                                          "studies": 60},
+                          "node_reading": node_reading(p, studies)}
                    for name, p in predictions.items()},
     }
     report = write_report(tmp_path / "report.md", metrics).read_text()
@@ -201,3 +216,45 @@ def test_bootstrap_tells_a_better_model_from_a_baseline_and_an_equal_one_from_it
     row = next(line for line in report.splitlines() if line.startswith(f"| {TITLES[BASELINE_CNN]} | +"))
     assert f"| {ahead['study_pe_auc_difference']:+.3f} |" in row and "| 100% |" in row
     assert "400 bootstrap resamples" in report
+    reading = metrics["models"][BASELINE_CNN]["node_reading"]
+    row = next(line for line in report.splitlines()
+               if line.startswith(f"| {TITLES[BASELINE_CNN]} | {reading['sensitivity']:.3f} |"))
+    low, high = result["models"][BASELINE_CNN]["sensitivity"]
+    assert f"| {low:.3f} to {high:.3f} |" in row
+    assert f"| {reading['readings']['negative']['present']} of {int((~truth).sum())} |" in row
+
+
+def _exam(**labels: float) -> np.ndarray:
+    exam = np.full(9, 0.05)
+    for label, p in labels.items():
+        exam[EXAM_LABELS.index(label)] = p
+    return exam
+
+
+def test_node_reading_is_what_pe_nodes_report_would_say_of_each_study() -> None:
+    studies = [_study(0, True), _study(1, True), _study(2, False), _study(3, False), _study(4, False)]
+    studies.append(CachedStudy(study_instance_uid="1.2.5", series_instance_uid="1.3.5", split="test",
+                               labels={**{label: 0 for label in EXAM_LABELS}, "indeterminate": 1},
+                               image=np.zeros(6, dtype=np.uint8), sop_instance_uids=tuple("abcdef"), crop=None))
+    low = np.full(6, 0.1)
+    clot = np.array([0.1, 0.2, 0.9, 0.8, 0.1, 0.1])
+    exam = np.stack([
+        _exam(central_pe=0.7, rightsided_pe=0.8, rv_lv_ratio_lt_1=0.9),  # positive, found: present
+        _exam(negative_exam_for_pe=0.9),                                 # positive, missed: absent
+        _exam(negative_exam_for_pe=0.9),                                 # negative: absent
+        _exam(negative_exam_for_pe=0.3, indeterminate=0.6),              # negative, unsure: undetermined
+        _exam(central_pe=0.7, rightsided_pe=0.8, rv_lv_ratio_lt_1=0.9),  # negative, false alarm: present
+        _exam(indeterminate=0.8),                                        # indeterminate: undetermined
+    ])
+    predictions = _consistent(exam, [clot, low, low, low, clot, low])
+    assert predictions.reading == ["present", "absent", "absent", "undetermined", "present", "undetermined"]
+    assert predictions.reported[0] == pytest.approx(0.9) and predictions.reported[2] < 0.5
+    reading = node_reading(predictions, studies)
+    assert reading["readings"] == {
+        "negative": {"present": 1, "absent": 1, "undetermined": 1},
+        "positive": {"present": 1, "absent": 1, "undetermined": 0},
+        "indeterminate": {"present": 0, "absent": 0, "undetermined": 1},
+    }
+    assert reading["sensitivity"] == pytest.approx(0.5) and reading["specificity"] == pytest.approx(1 / 3)
+    positive = [s.exam_class == "positive" for s in studies]
+    assert reading["reported_pe_auc"] == pytest.approx(auc(positive, predictions.reported))
