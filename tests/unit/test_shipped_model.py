@@ -41,6 +41,10 @@ def test_the_model_card_gives_the_checkpoints_own_evaluation_numbers() -> None:
         assert f"| {result['rsna_log_loss']:.4f} |" in row, row
         low, high = intervals[name]["study_pe_auc"]
         assert f"| {low:.3f}-{high:.3f} |" in row, row
+    reading, bounds = evaluation["models"]["full"]["node_reading"], intervals["full"]
+    row = next(line for line in card.splitlines() if line.startswith("| Full model | "))
+    assert (f"| {reading['sensitivity']:.3f} | {bounds['sensitivity'][0]:.3f}-{bounds['sensitivity'][1]:.3f} "
+            f"| {reading['specificity']:.3f} | {bounds['specificity'][0]:.3f}-{bounds['specificity'][1]:.3f} |") in row
     for name, lead in evaluation["bootstrap"]["full_against"].items():
         low, high = lead["study_pe_auc_difference_ci"]
         assert f"| {lead['study_pe_auc_difference']:+.3f} | {low:+.3f} to {high:+.3f} |" in card, name
