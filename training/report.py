@@ -166,8 +166,7 @@ def write_report(path: Path, metrics: dict[str, Any]) -> Path:
         "",
     ]
     lines += _bootstrap_section(metrics)
-    if all("node_reading" in result for result in models.values()):
-        lines += _reading_section(metrics)
+    lines += _reading_section(metrics)
     lines += _label_table("AUC per label", models, "auc")
     lines += ["", "n/a: the label has only one class among these studies.", ""]
     lines += _label_table("Accuracy per label (threshold 0.5)", models, "accuracy")
