@@ -3,6 +3,7 @@
     pe-train phantoms --out DIR --studies N [--seed S] [--size PX] [--slices A-B]
     pe-train prepare  --data DIR --cache DIR [--split-all test] [--size PX] [--crop body|none]
     pe-train stage1   --cache DIR --out RUN [--resume] [--epochs N] [--batch-size N] [--lr X] [--pretrained ...]
+                      [--init CKPT]  (fine-tune a trained stage 1: a best.pt or a pe-node checkpoint)
     pe-train features --stage1 RUN/best.pt --cache DIR --out DIR
     pe-train stage2   --features DIR --out RUN [--pooling attention|mean] [--resume] [--epochs N] ...
     pe-train evaluate --features DIR --stage1 CKPT --stage2 CKPT [--baseline CKPT] --out DIR
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage1.add_argument("--cache", type=Path, required=True, help="a prepared cache with train and val studies")
     stage1.add_argument("--out", type=Path, required=True, help="run folder: best.pt, last.pt, metrics, config")
     stage1.add_argument("--pretrained", help="config model.pretrained: false, true (timm hub) or a weights file")
+    stage1.add_argument("--init", help="config stage1.init: fine-tune the stage 1 of a best.pt or pe-node checkpoint")
     _common(stage1)
 
     features = commands.add_parser("features", help="extract stage-1 embeddings of every cached study")
@@ -130,7 +132,7 @@ def _overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
         "seed": "seed", "device": "device", "threads": "threads", "size": "preprocess.size",
         "crop": "preprocess.crop", "val_fraction": "data.val_fraction", "test_fraction": "data.test_fraction",
         "workers": "data.workers", "pooling": "stage2.pooling", "cam_examples": "evaluate.cam_examples",
-        "pretrained": "model.pretrained",
+        "pretrained": "model.pretrained", "init": "stage1.init",
     }
     if stage:
         named.update({"epochs": f"{stage}.epochs", "batch_size": f"{stage}.batch_size", "lr": f"{stage}.lr"})

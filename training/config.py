@@ -148,6 +148,12 @@ class Stage1Config(OptimConfig):
     ``augment`` moves each training slice a little (``training.augment``) for the same reason. Validation reads
     every slice of the validation studies, or their positives and ``val_negatives_per_study`` evenly spaced
     negatives (the same ones every epoch), which makes it cheaper on large sets.
+    ``chronic_repeats`` draws the positive slices of studies labelled chronic (``chronic_pe`` or
+    ``acute_and_chronic_pe``, which RSPECT gives per study) that many times an epoch: chronic emboli are few and look
+    unlike acute ones (thin, eccentric, against the wall), and a stage 1 that sees them rarely misses them.
+    ``init`` starts the encoder from a trained stage 1 instead of ``model.pretrained``: a stage-1 ``best.pt`` or a
+    pe-node checkpoint (``models/pe-demo.pt``), of the same model and preprocessing. The run then validates those
+    weights first (epoch 0 of its history), so ``best.pt`` is the starting point unless fine-tuning beats it.
     """
 
     epochs: int = Field(4, ge=1)
@@ -162,6 +168,9 @@ class Stage1Config(OptimConfig):
     background_negatives: int = Field(0, ge=0, description="more negatives a study and epoch, from anywhere in it")
     val_negatives_per_study: int | None = Field(None, ge=1)
     loader_workers: int = Field(0, ge=0, le=64)
+    chronic_repeats: int = Field(1, ge=1, le=100,
+                                 description="draws an epoch of each positive slice of a chronic-labelled study")
+    init: str | None = Field(None, description="fine-tune: a stage-1 best.pt or a pe-node checkpoint to start from")
     select: Literal["val_loss", "val_image_auc", "val_study_auc"] = Field(
         "val_loss", description="best.pt: the epoch of lowest validation loss (the paper) or of highest AUC")
 

@@ -9,7 +9,8 @@ draws the negatives from the positions where the training set's positives lie (`
 ``negatives="within"`` draws them so from the studies with positive slices only: then a slice's patient (an enlarged
 heart that comes with emboli, say) says nothing about its label, and only what shows on it does.
 ``background_negatives`` adds a few negatives drawn uniformly from every study, those without emboli too, so that
-the rest of the scan (where a study-level maximum finds its false positives) is not unseen. The plan of an
+the rest of the scan (where a study-level maximum finds its false positives) is not unseen. ``chronic_repeats``
+takes the positive slices of chronic-labelled studies that many times (each draw augmented on its own). The plan of an
 epoch depends only on (seed, epoch), so a resumed run and a run on several processes see the same batches.
 
 Stage 2 reads whole studies: embeddings [T, D] of different lengths, padded at the end into [B, T, D] with a mask
@@ -35,6 +36,7 @@ _EPOCH_STREAM = 11
 _PROFILE_BINS = 20
 _PROFILE_FLOOR = 0.05
 """Every position keeps at least this share of a uniform draw's weight in the ``matched`` negative profile."""
+_CHRONIC = [EXAM_LABELS.index(label) for label in ("chronic_pe", "acute_and_chronic_pe")]
 
 
 @dataclass(frozen=True)
@@ -84,15 +86,21 @@ def position_profile(studies: Sequence[CachedStudy], bins: int = _PROFILE_BINS) 
     return counts / counts.sum()
 
 
+def is_chronic(study: CachedStudy) -> bool:
+    """Whether a study is labelled chronic PE (alone or with acute emboli)."""
+    return bool(study.exam[_CHRONIC].max() >= 0.5)
+
+
 def _bin(indices: np.ndarray, slices: int, bins: int) -> np.ndarray:
     return np.minimum((indices / max(slices - 1, 1) * bins).astype(np.int64), bins - 1)
 
 
 def _draw(study: CachedStudy, config: Stage1Config, rng: np.random.Generator,
           profile: np.ndarray | None) -> np.ndarray:
-    """The slices of one study for one epoch: its positives (all, or a random few) and random negatives, drawn
-    uniformly or, with a position ``profile``, where positives usually lie; none of a study without positives when
-    negatives are drawn ``within``; then ``background_negatives`` more of the rest, uniformly."""
+    """The slices of one study for one epoch: its positives (all, or a random few; ``chronic_repeats`` times each in
+    a chronic-labelled study) and random negatives, drawn uniformly or, with a position ``profile``, where positives
+    usually lie; none of a study without positives when negatives are drawn ``within``; then
+    ``background_negatives`` more of the rest, uniformly."""
     positives = np.flatnonzero(study.image)
     candidates = np.flatnonzero(study.image == 0)
     negatives = candidates if config.negatives != "within" or len(positives) else candidates[:0]
@@ -108,6 +116,8 @@ def _draw(study: CachedStudy, config: Stage1Config, rng: np.random.Generator,
         rest = np.setdiff1d(candidates, negatives)
         extra = rng.choice(rest, min(config.background_negatives, len(rest)), replace=False)
         negatives = np.concatenate([negatives, extra])
+    if config.chronic_repeats > 1 and is_chronic(study):
+        positives = np.repeat(positives, config.chronic_repeats)
     return np.sort(np.concatenate([positives, negatives])).astype(np.int64)
 
 

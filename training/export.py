@@ -47,7 +47,7 @@ def export(
         "data": first.extra.get("data", {}),
         "seed": first.config.get("seed"),
         "backbone_weights": first.extra.get("backbone_weights", {}),
-        "stage1": _stage1(first, stage1),
+        "stage1": stage1_record(first, stage1),
         "stage2": _stage(second, stage2),
         "evaluation": _evaluation(evaluation) if evaluation is not None else None,
         "code": _git(),
@@ -58,9 +58,10 @@ def export(
     return path
 
 
-def _stage1(state: TrainState, path: Path) -> dict[str, Any]:
+def stage1_record(state: TrainState, path: Path) -> dict[str, Any]:
     """Stage 1's record; for a stage 1 read from a pe-node checkpoint, what that checkpoint says about how it was
-    trained (run, commands, numbers, code), and which file it came from."""
+    trained (run, commands, numbers, code), and which file it came from; for a fine-tuned one, also the record of
+    the stage 1 it started from (``init``)."""
     earlier = state.extra.get("stage1_provenance")
     if earlier is None:
         return _stage(state, path)
@@ -80,6 +81,7 @@ def _stage(state: TrainState, path: Path) -> dict[str, Any]:
         "world_size": state.inputs.get("world_size", 1),
         "config": state.config,
         **({"data": state.extra["data"]} if state.stage == "stage2" and "data" in state.extra else {}),
+        **({"init": state.extra["init"]} if "init" in state.extra else {}),
     }
 
 

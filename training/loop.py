@@ -8,7 +8,8 @@ selects by (``select``: the loss by default, as in the paper, or an AUC) improve
 epochs as fit in the budget (``planned_epochs`` in the metrics) and the schedule spans those. With ``resume`` it
 restores the weights, optimizer, scaler, epoch (and so the learning-rate schedule, a function of the epoch), best
 loss, history and RNG state from ``last.pt`` and goes on from the next epoch: the run ends exactly where an
-uninterrupted one would.
+uninterrupted one would. With ``validate_first`` (a stage that starts from trained weights) the weights are
+validated before any training, as epoch 0: ``best.pt`` stays the starting point unless an epoch beats it.
 """
 
 from __future__ import annotations
@@ -119,9 +120,11 @@ def fit(
     config: TrainConfig,
     processes: Processes,
     resume: bool = False,
+    validate_first: bool = False,
 ) -> TrainState:
     """Train ``module`` (the unwrapped stage whose weights are saved) for the configured epochs; returns the state
-    after the last epoch. ``state`` describes the run (stage, model, preprocessing, inputs, extra)."""
+    after the last epoch. ``state`` describes the run (stage, model, preprocessing, inputs, extra); with
+    ``validate_first`` the untrained weights are validated and kept as epoch 0."""
     section = optimization.config
     if resume:
         state = _resume(run, state, module, optimization)
@@ -129,6 +132,19 @@ def fit(
             optimization.epochs = min(section.epochs, state.extra["planned_epochs"])
     if processes.is_main:
         save_train_config(config, run / "config.yaml")
+    if validate_first and not state.history:
+        started = time.monotonic()
+        validation = validate()
+        _check_finite(state.stage, 0, validation.get("val_loss"))
+        state.history.append({"epoch": 0, "lr": None, "train_loss": None, **_numbers(validation),
+                              "seconds": round(time.monotonic() - started, 1)})
+        state.best_val_loss, state.best_epoch = validation["val_loss"], 0
+        _keep(state, module, optimization)
+        if processes.is_main:
+            _save(run, state, True)
+            logger.info("%s epoch 0 (the starting weights): %s", state.stage,
+                        ", ".join(f"{k} {_short(v)}" for k, v in state.history[-1].items() if k != "epoch"))
+        processes.barrier()
     epoch = state.epoch
     while epoch < optimization.epochs:
         epoch += 1
@@ -137,11 +153,8 @@ def fit(
         train_loss, extra = train_epoch(epoch)
         state.extra.update(extra)
         validation = validate()
-        val_loss = validation.get("val_loss")
-        if val_loss is None or not math.isfinite(val_loss):
-            raise FloatingPointError(f"{state.stage} epoch {epoch}: validation loss is {val_loss}")
-        record = {"epoch": epoch, "lr": lr, "train_loss": float(train_loss),
-                  **{key: None if value is None else float(value) for key, value in validation.items()},
+        val_loss = _check_finite(state.stage, epoch, validation.get("val_loss"))
+        record = {"epoch": epoch, "lr": lr, "train_loss": float(train_loss), **_numbers(validation),
                   "seconds": round(time.monotonic() - started, 1)}
         best = _best_record(state)
         state.history.append(record)
@@ -151,10 +164,7 @@ def fit(
         if section.max_minutes is not None and epoch <= 2:
             _plan(optimization, state, epoch, processes)
         state.epoch = epoch
-        state.weights = {name: t.detach().cpu().clone() for name, t in module.state_dict().items()}
-        dicts = optimization.state_dicts()
-        state.optimizer, state.scaler = dicts["optimizer"], dicts["scaler"]
-        state.rng = rng_state()
+        _keep(state, module, optimization)
         if processes.is_main:
             _save(run, state, improved)
             logger.info("%s epoch %d/%d: %s%s", state.stage, epoch, optimization.epochs,
@@ -162,6 +172,24 @@ def fit(
                         " (best)" if improved else "")
         processes.barrier()
     return state
+
+
+def _check_finite(stage: str, epoch: int, val_loss: float | None) -> float:
+    if val_loss is None or not math.isfinite(val_loss):
+        raise FloatingPointError(f"{stage} epoch {epoch}: validation loss is {val_loss}")
+    return val_loss
+
+
+def _numbers(validation: dict[str, float | None]) -> dict[str, float | None]:
+    return {key: None if value is None else float(value) for key, value in validation.items()}
+
+
+def _keep(state: TrainState, module: nn.Module, optimization: Optimization) -> None:
+    """Put the module's weights, the optimizer's and scaler's state and the RNG state into ``state``."""
+    state.weights = {name: t.detach().cpu().clone() for name, t in module.state_dict().items()}
+    dicts = optimization.state_dicts()
+    state.optimizer, state.scaler = dicts["optimizer"], dicts["scaler"]
+    state.rng = rng_state()
 
 
 def _best_record(state: TrainState) -> dict[str, Any] | None:

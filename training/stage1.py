@@ -5,12 +5,15 @@ Each slice's targets are its own ``pe_present_on_image`` and the nine exam label
 load straight into the served model. Validation reads every slice of the validation studies, or their positives and a
 fixed subset of negatives: its loss selects ``best.pt`` (or, with ``select``, the image-level AUC or the study-level
 AUC of the CNN alone, a study's highest image probability and the paper's baseline 1); all three are logged.
+With ``stage1.init`` the encoder starts from a trained stage 1 (fine-tuning, on new data or with other sampling),
+and those weights are validated first, as epoch 0.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,16 +21,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pe_node.model import SliceEncoder, create_model, slice_loss
+from pe_node.model import PEModel, SliceEncoder, create_model, slice_loss
+from pe_node.model.checkpoint import file_sha256
 from training.augment import augment
 from training.backbone import load_backbone_weights
 from training.cache import Cache, CachedStudy, to_input
 from training.config import TrainConfig, TrainConfigError
 from training.data import SliceBatches, epoch_batches
 from training.distributed import Processes, shard
+from training.export import stage1_record
 from training.loop import Optimization, fit
 from training.metrics import auc
-from training.state import TrainState
+from training.state import StateError, TrainState, load_state
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +70,12 @@ def train_stage1(
     torch.manual_seed(config.seed)
     model = create_model(config.model.name, **config.model.architecture())
     encoder = model.encoder
-    weights = None if resume else load_backbone_weights(encoder, config.model.pretrained)  # resumed: in last.pt
+    weights, start = None, None  # resumed: both in last.pt
+    if not resume and config.stage1.init is not None:
+        start = start_from(Path(config.stage1.init), model, cache, config)
+        weights = {"source": f"stage1.init {start['path']} (SHA-256 {start['sha256'][:12]})"}
+    elif not resume:
+        weights = load_backbone_weights(encoder, config.model.pretrained)
     device = processes.device
     encoder.to(device, memory_format=torch.channels_last)
     network = encoder
@@ -80,7 +90,8 @@ def train_stage1(
         weights={},
         config=config.model_dump(mode="json"),
         inputs={"cache": str(cache.root.resolve()), "command": command or [], "world_size": processes.world_size},
-        extra={"data": cache.describe(), **({"backbone_weights": weights} if weights else {})},
+        extra={"data": cache.describe(), **({"backbone_weights": weights} if weights else {}),
+               **({"init": start} if start else {})},
     )
 
     def train_epoch(epoch: int) -> tuple[float, dict[str, list[int]]]:
@@ -112,7 +123,36 @@ def train_stage1(
         return validate_encoder(encoder, cache, shard(val, processes, equal=False), processes, optimization,
                                 config.stage1.image_weight, config.stage1.val_negatives_per_study)
 
-    return fit(run, state, encoder, optimization, train_epoch, validate, config, processes, resume)
+    return fit(run, state, encoder, optimization, train_epoch, validate, config, processes, resume,
+               validate_first=start is not None)
+
+
+def start_from(path: Path, model: PEModel, cache: Cache, config: TrainConfig) -> dict[str, Any]:
+    """Load the encoder of the trained stage 1 at ``path`` (``stage1.init``: a stage-1 checkpoint or a pe-node
+    checkpoint) into ``model``; returns where it came from and how it was trained, for the run's provenance."""
+    if config.model.pretrained is not False:
+        raise TrainConfigError(
+            f"stage1.init ({path}) and model.pretrained ({config.model.pretrained}) both say where stage 1 starts; "
+            "set one of them"
+        )
+    try:
+        trained = load_state(path, "stage1")
+    except StateError as error:
+        raise TrainConfigError(f"stage1.init: {error}") from None
+    backbone = trained.model_config.get("backbone")
+    if backbone != model.config.backbone:
+        raise TrainConfigError(f"stage1.init: {path} is a {backbone} stage 1; this run trains {model.config.backbone}")
+    if trained.preprocess != cache.preprocess.to_dict():
+        raise TrainConfigError(
+            f"stage1.init: {path} was trained on inputs preprocessed as {trained.preprocess}, cache {cache.root} "
+            f"holds {cache.preprocess.to_dict()}"
+        )
+    try:
+        model.encoder.load_state_dict(trained.weights)
+    except RuntimeError as error:
+        raise TrainConfigError(f"stage1.init: {path} does not fit this run's encoder ({str(error)[:300]})") from None
+    logger.info("stage 1 starts from %s (%s, trained %d epochs)", path, backbone, trained.epoch)
+    return {"path": str(path.resolve()), "sha256": file_sha256(path), "stage1": stage1_record(trained, path)}
 
 
 def validation_slices(study: CachedStudy, negatives: int | None) -> np.ndarray:

@@ -18,8 +18,10 @@ import torch
 import yaml
 
 from pe_node.model import Predictor, check, load_checkpoint
+from pe_node.model.checkpoint import file_sha256
 from pe_node.pipeline.series import load_series
 from training.cli import main
+from training.export import stage1_record
 from training.features import FeatureSet
 from training.rspect import read_rspect
 from training.state import StateError, load_state
@@ -195,3 +197,35 @@ def test_stage2_trains_again_behind_the_stage1_of_an_exported_checkpoint(workspa
     stage2 = again.meta.provenance["stage2"]
     assert stage2["command"][:2] == ["pe-train", "stage2"] and stage2["epochs"] == 2
     assert stage2["data"]["splits"]["train"]["studies"] == len(features.split("train"))
+
+
+def test_stage1_fine_tunes_a_trained_stage1_and_validates_its_weights_first(workspace: Path, tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    config, root = str(workspace / "train.yaml"), workspace
+    trained = load_state(root / "stage1/best.pt", "stage1")
+    _run("stage1", "--config", config, "--cache", str(root / "cache"), "--out", str(tmp_path / "fine"),
+         "--init", str(root / "stage1/best.pt"), "--epochs", "1", "--lr", "0.0003",
+         "--set", "stage1.chronic_repeats=2")
+    fine = load_state(tmp_path / "fine/last.pt", "stage1")
+    start, after = fine.history
+    assert (start["epoch"], start["train_loss"], after["epoch"]) == (0, None, 1)
+    best_before = next(h for h in trained.history if h["epoch"] == trained.best_epoch)
+    assert start["val_loss"] == pytest.approx(best_before["val_loss"], rel=1e-4), "epoch 0 is the starting weights"
+    kept = load_state(tmp_path / "fine/best.pt", "stage1")
+    if kept.epoch == 0:
+        assert all(torch.equal(kept.weights[name], trained.weights[name]) for name in trained.weights)
+    assert not all(torch.equal(fine.weights[name], trained.weights[name]) for name in trained.weights)
+    record = stage1_record(fine, tmp_path / "fine/last.pt")["init"]
+    assert record["sha256"] == file_sha256(root / "stage1/best.pt")
+    assert record["stage1"]["best_epoch"] == trained.best_epoch and record["stage1"]["command"][:2] == [
+        "pe-train", "stage1"]
+    assert fine.extra["backbone_weights"]["source"].startswith("stage1.init ")
+
+    capsys.readouterr()
+    assert main(["stage1", "--quiet", "--config", config, "--cache", str(root / "cache"), "--out",
+                 str(tmp_path / "both"), "--init", str(root / "stage1/best.pt"), "--pretrained", "true"]) == 2
+    assert "stage1.init" in capsys.readouterr().err
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    assert main(["stage1", "--quiet", "--config", config, "--cache", str(root / "cache"), "--out",
+                 str(tmp_path / "bad"), "--init", str(tmp_path / "notes.pt")]) == 2
+    assert f"stage1.init: training checkpoint {tmp_path / 'notes.pt'}" in capsys.readouterr().err

@@ -155,3 +155,20 @@ def test_background_negatives_come_from_every_study_and_span_the_scan() -> None:
     assert min(background) < 10 and max(background) > 30, "drawn over the whole scan, not where emboli lie"
     without = Stage1Config(batch_size=8, negatives_per_study=4, negatives="within", sampling="mixed")
     assert {s for s, _ in _drawn(epoch_batches(studies, without, seed=0, epoch=1))} == {20}
+
+
+def test_chronic_repeats_draw_the_positives_of_chronic_studies_that_many_times() -> None:
+    chronic = _study("ch", [8, 9, 10])
+    chronic.labels["chronic_pe"] = 1
+    mixed = _study("ac", [20, 21])
+    mixed.labels["acute_and_chronic_pe"] = 1
+    studies = [_study("acute", [5, 6, 7]), chronic, mixed]
+    once = Stage1Config(batch_size=8, negatives_per_study=4, sampling="mixed")
+    thrice = Stage1Config(batch_size=8, negatives_per_study=4, sampling="mixed", chronic_repeats=3)
+    plain, repeated = (_drawn(epoch_batches(studies, config, seed=0, epoch=1)) for config in (once, thrice))
+    for position, study in enumerate(studies):
+        times = 3 if study.study_instance_uid != "acute" else 1
+        for k in np.flatnonzero(study.image):
+            assert repeated.count((position, int(k))) == times and plain.count((position, int(k))) == 1
+    negatives = [(s, k) for s, k in repeated if not studies[s].image[k]]
+    assert sorted(negatives) == sorted((s, k) for s, k in plain if not studies[s].image[k]), "negatives as before"

@@ -1,4 +1,5 @@
-"""The epoch loop: which epoch best.pt keeps (``select``) and how a time budget (``max_minutes``) plans the epochs."""
+"""The epoch loop: which epoch best.pt keeps (``select``), how a time budget (``max_minutes``) plans the epochs, and
+a run that starts from trained weights (validated first, as epoch 0)."""
 
 from __future__ import annotations
 
@@ -32,24 +33,29 @@ class Clock:
 
 
 def _fit(run: Path, section: Stage1Config, validations: list[dict[str, float | None]], clock: Clock,
-         monkeypatch: pytest.MonkeyPatch, resume: bool = False) -> tuple[TrainState, list[float]]:
+         monkeypatch: pytest.MonkeyPatch, resume: bool = False, validate_first: bool = False,
+         module: nn.Module | None = None) -> tuple[TrainState, list[float]]:
     monkeypatch.setattr(loop.time, "monotonic", clock)
-    module = nn.Linear(2, 1)
+    module = module or nn.Linear(2, 1)
     optimization = loop.Optimization(module.parameters(), section, torch.device("cpu"))
     rates: list[float] = []
+    validated: list[int] = []
 
     def train_epoch(epoch: int) -> tuple[float, dict]:
         rates.append(optimization.optimizer.param_groups[0]["lr"])
+        with torch.no_grad():
+            module.bias.add_(1.0)  # each epoch changes the weights
         clock.tick()
         return 1.0 / epoch, {}
 
     def validate() -> dict[str, float | None]:
-        return validations[len(rates) - 1]
+        validated.append(len(rates))
+        return validations[len(validated) - 1]
 
     state = TrainState(stage="stage1", model_name="m", model_config={}, preprocess={},
                        weights=module.state_dict())
     state = loop.fit(run, state, module, optimization, train_epoch, validate,
-                     TrainConfig(stage1=section), ALONE, resume=resume)
+                     TrainConfig(stage1=section), ALONE, resume=resume, validate_first=validate_first)
     return state, rates
 
 
@@ -118,3 +124,31 @@ def test_the_summary_names_the_number_that_chose_best_pt() -> None:
                                 {"epoch": 3, "val_loss": 0.45, "val_study_auc": 0.90}])
     assert loop.best_summary(state, "val_study_auc") == "best val study auc 0.9300 at epoch 2 of 3 (val loss 0.4100)"
     assert loop.best_summary(state, "val_loss") == "best val loss 0.4100 at epoch 2 of 3"
+
+
+@pytest.mark.parametrize(("losses", "best"), [((0.30, 0.40, 0.35), 0), ((0.50, 0.40, 0.45), 1)])
+def test_a_run_from_trained_weights_validates_them_first_and_keeps_them_unless_an_epoch_beats_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, losses: tuple[float, ...], best: int) -> None:
+    module = nn.Linear(2, 1)
+    start = {name: tensor.clone() for name, tensor in module.state_dict().items()}
+    validations = [{"val_loss": loss, "val_image_auc": 0.5, "val_study_auc": 0.5} for loss in losses]
+    state, rates = _fit(tmp_path, Stage1Config(epochs=2, lr=1e-3), validations, Clock(1.0), monkeypatch,
+                        validate_first=True, module=module)
+    assert len(rates) == 2 and [h["epoch"] for h in state.history] == [0, 1, 2]
+    assert state.history[0]["train_loss"] is None and state.history[0]["val_loss"] == losses[0]
+    assert (state.best_epoch, state.best_val_loss) == (best, losses[best])
+    kept = load_state(tmp_path / "best.pt")
+    assert kept.epoch == best
+    assert torch.equal(kept.weights["bias"], start["bias"] + best), "best.pt holds the weights of its epoch"
+    assert torch.equal(load_state(tmp_path / "last.pt").weights["bias"], start["bias"] + 2)
+
+
+def test_a_resumed_run_from_trained_weights_does_not_validate_them_again(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    validations = [{"val_loss": loss, "val_image_auc": 0.5, "val_study_auc": 0.5} for loss in (0.5, 0.4, 0.3)]
+    first, _ = _fit(tmp_path, Stage1Config(epochs=1, lr=1e-3), validations, Clock(1.0), monkeypatch,
+                    validate_first=True)
+    assert [h["epoch"] for h in first.history] == [0, 1]
+    resumed, rates = _fit(tmp_path, Stage1Config(epochs=2, lr=1e-3), validations[2:], Clock(1.0), monkeypatch,
+                          resume=True, validate_first=True)
+    assert len(rates) == 1 and [h["epoch"] for h in resumed.history] == [0, 1, 2] and resumed.best_epoch == 2
