@@ -106,8 +106,15 @@ def test_a_missing_cache_is_a_one_line_failure(tmp_path: Path, capsys: pytest.Ca
     assert "no index.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "demo-gpu.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "demo-gpu.yaml", "finetune-cpu.yaml"])
 def test_the_shipped_training_configs_load(name: str) -> None:
     config = load_train_config(Path(__file__).resolve().parents[2] / "training" / "configs" / name)
     assert config.model.pretrained is False, "the demo runs without network"
     assert config.data.test_fraction == 0.0, "the demo tests on phantoms of another seed"
+
+
+def test_the_fine_tuning_config_goes_on_from_the_model_and_inputs_of_demo_gpu() -> None:
+    configs = Path(__file__).resolve().parents[2] / "training" / "configs"
+    fine, gpu = (load_train_config(configs / name) for name in ("finetune-cpu.yaml", "demo-gpu.yaml"))
+    assert fine.model == gpu.model and fine.preprocess == gpu.preprocess, "else stage1.init refuses the weights"
+    assert fine.stage1.lr < gpu.stage1.lr and fine.stage1.chronic_repeats > 1
