@@ -129,7 +129,8 @@ def train_stage1(
 
 def start_from(path: Path, model: PEModel, cache: Cache, config: TrainConfig) -> dict[str, Any]:
     """Load the encoder of the trained stage 1 at ``path`` (``stage1.init``: a stage-1 checkpoint or a pe-node
-    checkpoint) into ``model``; returns where it came from and how it was trained, for the run's provenance."""
+    checkpoint) into ``model``; returns where it came from, how it was trained and on what data, for the run's
+    provenance."""
     if config.model.pretrained is not False:
         raise TrainConfigError(
             f"stage1.init ({path}) and model.pretrained ({config.model.pretrained}) both say where stage 1 starts; "
@@ -152,7 +153,8 @@ def start_from(path: Path, model: PEModel, cache: Cache, config: TrainConfig) ->
     except RuntimeError as error:
         raise TrainConfigError(f"stage1.init: {path} does not fit this run's encoder ({str(error)[:300]})") from None
     logger.info("stage 1 starts from %s (%s, trained %d epochs)", path, backbone, trained.epoch)
-    return {"path": str(path.resolve()), "sha256": file_sha256(path), "stage1": stage1_record(trained, path)}
+    return {"path": str(path.resolve()), "sha256": file_sha256(path), "stage1": stage1_record(trained, path),
+            "data": trained.extra.get("data", {}), "backbone_weights": trained.extra.get("backbone_weights", {})}
 
 
 def validation_slices(study: CachedStudy, negatives: int | None) -> np.ndarray:

@@ -219,6 +219,7 @@ def test_stage1_fine_tunes_a_trained_stage1_and_validates_its_weights_first(work
     assert record["sha256"] == file_sha256(root / "stage1/best.pt")
     assert record["stage1"]["best_epoch"] == trained.best_epoch and record["stage1"]["command"][:2] == [
         "pe-train", "stage1"]
+    assert record["data"] == trained.extra["data"] and record["backbone_weights"] == trained.extra["backbone_weights"]
     assert fine.extra["backbone_weights"]["source"].startswith("stage1.init ")
 
     capsys.readouterr()
