@@ -50,7 +50,7 @@ def export(
         "stage1": stage1_record(first, stage1),
         "stage2": _stage(second, stage2),
         "evaluation": _evaluation(evaluation) if evaluation is not None else None,
-        "code": _git(),
+        "code": source_code(),
     }
     path = save_checkpoint(out, model, PreprocessConfig.from_dict(first.preprocess), provenance=provenance, half=half)
     load_checkpoint(path)  # what pe-node will do: fail here, not in the node
@@ -82,6 +82,7 @@ def _stage(state: TrainState, path: Path) -> dict[str, Any]:
         "config": state.config,
         **({"data": state.extra["data"]} if state.stage == "stage2" and "data" in state.extra else {}),
         **({"init": state.extra["init"]} if "init" in state.extra else {}),
+        **({"code": state.extra["code"]} if "code" in state.extra else {}),
     }
 
 
@@ -107,7 +108,7 @@ SOURCE_COMMIT_VARIABLE = "PE_NODE_SOURCE_COMMIT"
 wins over what git says there."""
 
 
-def _git(root: Path | None = None) -> dict[str, Any]:
+def source_code(root: Path | None = None) -> dict[str, Any]:
     """The commit of the code that exported (and whether the working tree had changes), if git knows it; when
     ``PE_NODE_SOURCE_COMMIT`` is set, the commit it names instead, marked as such: a copy of the tree (a container
     build, a tree copied to a GPU machine) may carry no ``.git``, or a stale one that names an older commit."""

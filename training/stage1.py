@@ -29,7 +29,7 @@ from training.cache import Cache, CachedStudy, to_input
 from training.config import TrainConfig, TrainConfigError
 from training.data import SliceBatches, epoch_batches
 from training.distributed import Processes, shard
-from training.export import stage1_record
+from training.export import source_code, stage1_record
 from training.loop import Optimization, fit
 from training.metrics import auc
 from training.state import StateError, TrainState, load_state
@@ -90,7 +90,7 @@ def train_stage1(
         weights={},
         config=config.model_dump(mode="json"),
         inputs={"cache": str(cache.root.resolve()), "command": command or [], "world_size": processes.world_size},
-        extra={"data": cache.describe(), **({"backbone_weights": weights} if weights else {}),
+        extra={"data": cache.describe(), "code": source_code(), **({"backbone_weights": weights} if weights else {}),
                **({"init": start} if start else {})},
     )
 

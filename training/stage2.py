@@ -25,6 +25,7 @@ from training.cache import CachedStudy
 from training.config import TrainConfig, TrainConfigError
 from training.data import StudyEmbeddings, pad_studies
 from training.distributed import Processes, shard
+from training.export import source_code
 from training.features import FeatureSet
 from training.loop import Optimization, fit
 from training.metrics import auc, pe_score, rsna_log_loss
@@ -82,7 +83,7 @@ def train_stage2(
         inputs={"features": str(features.root.resolve()), "stage1": features.index["stage1"],
                 "stage1_sha256": features.stage1_sha256, "command": command or [],
                 "world_size": processes.world_size},
-        extra={"label_prior": label_prior(train), "pooling": config.stage2.pooling,
+        extra={"label_prior": label_prior(train), "pooling": config.stage2.pooling, "code": source_code(),
                "data": features.cache.describe()},
     )
     dataset = StudyEmbeddings(features, train)
