@@ -36,7 +36,6 @@ _EPOCH_STREAM = 11
 _PROFILE_BINS = 20
 _PROFILE_FLOOR = 0.05
 """Every position keeps at least this share of a uniform draw's weight in the ``matched`` negative profile."""
-_CHRONIC = [EXAM_LABELS.index(label) for label in ("chronic_pe", "acute_and_chronic_pe")]
 
 
 @dataclass(frozen=True)
@@ -86,11 +85,6 @@ def position_profile(studies: Sequence[CachedStudy], bins: int = _PROFILE_BINS) 
     return counts / counts.sum()
 
 
-def is_chronic(study: CachedStudy) -> bool:
-    """Whether a study is labelled chronic PE (alone or with acute emboli)."""
-    return bool(study.exam[_CHRONIC].max() >= 0.5)
-
-
 def _bin(indices: np.ndarray, slices: int, bins: int) -> np.ndarray:
     return np.minimum((indices / max(slices - 1, 1) * bins).astype(np.int64), bins - 1)
 
@@ -116,7 +110,7 @@ def _draw(study: CachedStudy, config: Stage1Config, rng: np.random.Generator,
         rest = np.setdiff1d(candidates, negatives)
         extra = rng.choice(rest, min(config.background_negatives, len(rest)), replace=False)
         negatives = np.concatenate([negatives, extra])
-    if config.chronic_repeats > 1 and is_chronic(study):
+    if config.chronic_repeats > 1 and (study.labels["chronic_pe"] or study.labels["acute_and_chronic_pe"]):
         positives = np.repeat(positives, config.chronic_repeats)
     return np.sort(np.concatenate([positives, negatives])).astype(np.int64)
 
