@@ -4,8 +4,11 @@
 #   training/demo.sh [WORK]        (WORK: where data, caches, runs and the report go; default runs/demo)
 #
 # Environment: CONFIG (training/configs/demo.yaml), OUT (WORK/pe-demo.pt; OUT=models/pe-demo.pt replaces the
-# shipped weights), STUDIES (stage-1 training phantoms, 900), STAGE2_STUDIES (stage-2 training phantoms, 400),
-# TEST_STUDIES (held-out phantoms, 80), WORKERS (phantom-writing processes, 2), PE_TRAIN (the pe-train command).
+# shipped weights), STUDIES (stage-1 training phantoms, 900), STAGE1_SEED (their seed, 0), STAGE2_STUDIES (stage-2
+# training phantoms, 400), TEST_STUDIES (held-out phantoms, 80), WORKERS (phantom-writing processes, 2), INIT (a
+# trained stage 1, a best.pt or a pe-node checkpoint, that stage 1 fine-tunes instead of starting from the config's
+# backbone weights; none by default), STAGE1_CHECKPOINT (the stage-1 checkpoint that features, evaluate and export
+# take: best.pt, the default, or last.pt), PE_TRAIN (the pe-train command).
 # Stage 2 learns from the embeddings of studies stage 1 never saw (a second phantom set, seed 3): on the embeddings
 # of stage 1's own training studies it learns how stage 1 behaves on studies it was fitted to, not on new ones.
 # The shipped weights come from `CONFIG=training/configs/demo-gpu.yaml STUDIES=1000 STAGE2_STUDIES=800
@@ -13,6 +16,12 @@
 # default, is the same recipe sized for two CPU cores (about 75 minutes, weaker weights). A CUDA GPU is used when
 # present (device: auto). The same commands train on the real RSNA-STR data set: point `prepare --data` at it
 # instead of the phantoms and raise the sizes in the config.
+# The stage 1 shipped now is that GPU stage 1 fine-tuned on two CPU cores; from the file shipped before (commit
+# 4bf06d8), the CPU part of the recipe is
+#   git show 4bf06d8:models/pe-demo.pt > pe-demo-before.pt
+#   CONFIG=training/configs/finetune-cpu.yaml INIT=pe-demo-before.pt STUDIES=600 STAGE1_SEED=5 \
+#   STAGE1_CHECKPOINT=last.pt STAGE2_STUDIES=800 TEST_STUDIES=400 training/demo.sh runs/finetune
+# (about two hours and ten minutes on two cores; models/README.md).
 set -euo pipefail
 
 WORK=${1:-runs/demo}
@@ -20,9 +29,20 @@ CONFIG=${CONFIG:-training/configs/demo.yaml}
 OUT=${OUT:-$WORK/pe-demo.pt}
 PE_TRAIN=${PE_TRAIN:-pe-train}
 STUDIES=${STUDIES:-900}
+STAGE1_SEED=${STAGE1_SEED:-0}
 STAGE2_STUDIES=${STAGE2_STUDIES:-400}
 TEST_STUDIES=${TEST_STUDIES:-80}
 WORKERS=${WORKERS:-2}
+INIT=${INIT:-}
+STAGE1_CHECKPOINT=${STAGE1_CHECKPOINT:-best.pt}
+case $STAGE1_CHECKPOINT in
+    best.pt | last.pt) ;;
+    *) echo "STAGE1_CHECKPOINT must be best.pt or last.pt, not '$STAGE1_CHECKPOINT'" >&2; exit 2 ;;
+esac
+if [ -n "$INIT" ] && [ ! -f "$INIT" ]; then
+    echo "INIT: no such file: $INIT" >&2
+    exit 2
+fi
 mkdir -p "$WORK"
 TIMES="$WORK/timings.txt"
 : >"$TIMES"
@@ -48,7 +68,7 @@ phantoms() {
     fi
 }
 
-phantoms phantoms-train "$WORK/phantoms-train" --studies "$STUDIES" --seed 0 --size 256 \
+phantoms phantoms-train "$WORK/phantoms-train" --studies "$STUDIES" --seed "$STAGE1_SEED" --size 256 \
     --slices 60-120 --workers "$WORKERS" --quiet
 phantoms phantoms-stage2 "$WORK/phantoms-stage2" --studies "$STAGE2_STUDIES" --seed 3 --size 256 \
     --slices 60-120 --workers "$WORKERS" --quiet
@@ -59,19 +79,24 @@ step prepare-stage2 "$PE_TRAIN" prepare --config "$CONFIG" --data "$WORK/phantom
     --cache "$WORK/cache-stage2"
 step prepare-test "$PE_TRAIN" prepare --config "$CONFIG" --data "$WORK/phantoms-test" --cache "$WORK/cache-test" \
     --split-all test
-step stage1 "$PE_TRAIN" stage1 --config "$CONFIG" --cache "$WORK/cache-train" --out "$WORK/stage1"
-step features-stage2 "$PE_TRAIN" features --config "$CONFIG" --stage1 "$WORK/stage1/best.pt" \
+init=()
+if [ -n "$INIT" ]; then
+    init=(--init "$INIT")
+fi
+step stage1 "$PE_TRAIN" stage1 --config "$CONFIG" --cache "$WORK/cache-train" --out "$WORK/stage1" "${init[@]}"
+STAGE1="$WORK/stage1/$STAGE1_CHECKPOINT"
+step features-stage2 "$PE_TRAIN" features --config "$CONFIG" --stage1 "$STAGE1" \
     --cache "$WORK/cache-stage2" --out "$WORK/features-stage2"
-step features-test "$PE_TRAIN" features --config "$CONFIG" --stage1 "$WORK/stage1/best.pt" \
+step features-test "$PE_TRAIN" features --config "$CONFIG" --stage1 "$STAGE1" \
     --cache "$WORK/cache-test" --out "$WORK/features-test"
 step stage2-attention "$PE_TRAIN" stage2 --config "$CONFIG" --features "$WORK/features-stage2" \
     --out "$WORK/stage2-attention"
 step stage2-mean "$PE_TRAIN" stage2 --config "$CONFIG" --features "$WORK/features-stage2" --out "$WORK/stage2-mean" \
     --pooling mean
 step evaluate "$PE_TRAIN" evaluate --config "$CONFIG" --features "$WORK/features-test" \
-    --stage1 "$WORK/stage1/best.pt" --stage2 "$WORK/stage2-attention/best.pt" \
+    --stage1 "$STAGE1" --stage2 "$WORK/stage2-attention/best.pt" \
     --baseline "$WORK/stage2-mean/best.pt" --out "$WORK/report"
-step export "$PE_TRAIN" export --stage1 "$WORK/stage1/best.pt" --stage2 "$WORK/stage2-attention/best.pt" \
+step export "$PE_TRAIN" export --stage1 "$STAGE1" --stage2 "$WORK/stage2-attention/best.pt" \
     --out "$OUT" --evaluation "$WORK/report/metrics.json" \
     --description "pe-node demo weights: trained on synthetic CTPA phantoms (training/demo.sh); for demonstration only, not for clinical use"
 echo "total $SECONDS s" | tee -a "$TIMES" >&2

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +71,21 @@ def test_the_training_configs_are_those_each_stage_of_the_weights_was_trained_wi
             newer = {key: value for key, value in defaults[section].items() if key not in recorded[section]}
             assert {**recorded[section], **newer, "init": None} == {**config[section], "init": None}, section
     assert provenance["stage1"]["config"]["stage1"]["init"] == provenance["stage1"]["init"]["path"]
+
+
+def test_the_card_says_where_the_fine_tunings_starting_weights_are_and_their_hash_is_the_recorded_one() -> None:
+    recorded = load_checkpoint(CHECKPOINT).meta.provenance["stage1"]["init"]["sha256"]
+    card = CARD.read_text(encoding="utf-8")
+    found = re.search(r"`git show ([0-9a-f]{7,40}):models/pe-demo\.pt > pe-demo-before\.pt`.*?SHA-256 ([0-9a-f]{64})",
+                      card, re.DOTALL)
+    assert found, "the card names the commit that holds pe-demo-before.pt and its SHA-256"
+    commit, named = found.groups()
+    assert named == recorded
+    assert "INIT=pe-demo-before.pt" in card
+    history = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:models/pe-demo.pt"], capture_output=True)
+    if history.returncode != 0:
+        pytest.skip(f"this clone does not hold commit {commit} (a shallow clone)")
+    assert hashlib.sha256(history.stdout).hexdigest() == recorded
 
 
 def test_the_card_names_the_preprocessing_the_checkpoint_carries() -> None:

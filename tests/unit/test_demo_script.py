@@ -1,0 +1,96 @@
+"""training/demo.sh: the steps it runs, and what INIT, STAGE1_SEED and STAGE1_CHECKPOINT change in them.
+
+``PE_TRAIN`` points the script at a command that writes down the arguments of each call instead of training, so the
+test reads the recipe the script runs; the steps themselves are tested with the real pe-train in
+tests/integration/test_training.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "training" / "demo.sh"
+
+
+def _run(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], list[list[str]]]:
+    calls = tmp_path / "calls.txt"
+    recorder = tmp_path / "pe-train"
+    recorder.write_text(
+        f"#!{sys.executable}\n"
+        "import shlex, sys\n"
+        f"with open({str(calls)!r}, 'a') as log:\n"
+        "    log.write(shlex.join(sys.argv[1:]) + '\\n')\n",
+        encoding="utf-8")
+    recorder.chmod(0o755)
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in {"CONFIG", "OUT", "STUDIES", "STAGE1_SEED", "INIT", "STAGE1_CHECKPOINT"}}
+    environment.update(PE_TRAIN=str(recorder), **env)
+    result = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "work")], cwd=REPO, env=environment,
+                            capture_output=True, text=True, timeout=60)
+    lines = calls.read_text(encoding="utf-8").splitlines() if calls.exists() else []
+    return result, [shlex.split(line) for line in lines]
+
+
+def _call(calls: list[list[str]], command: str, option: str, value: str) -> list[str]:
+    return next(call for call in calls if call[0] == command and call[call.index(option) + 1] == value)
+
+
+def _value(call: list[str], option: str) -> str:
+    return call[call.index(option) + 1]
+
+
+def test_the_default_recipe_trains_stage_1_from_the_configs_start_and_goes_on_from_its_best_epoch(
+        tmp_path: Path) -> None:
+    result, calls = _run(tmp_path)
+    assert result.returncode == 0, result.stderr
+    work = tmp_path / "work"
+    assert [call[0] for call in calls] == ["phantoms"] * 3 + ["prepare"] * 3 + [
+        "stage1", "features", "features", "stage2", "stage2", "evaluate", "export"]
+    assert [_value(call, "--seed") for call in calls[:3]] == ["0", "3", "1"]
+    stage1 = _call(calls, "stage1", "--cache", str(work / "cache-train"))
+    assert "--init" not in stage1
+    assert _value(stage1, "--config") == "training/configs/demo.yaml"
+    best = str(work / "stage1" / "best.pt")
+    for call in calls[7:]:
+        if call[0] != "stage2":
+            assert _value(call, "--stage1") == best, call
+    assert _value(calls[-1], "--out") == str(work / "pe-demo.pt")
+
+
+def test_init_fine_tunes_a_trained_stage_1_on_phantoms_of_the_seed_asked_and_uses_the_checkpoint_asked(
+        tmp_path: Path) -> None:
+    start = tmp_path / "pe-demo-before.pt"
+    start.write_bytes(b"weights")
+    result, calls = _run(tmp_path, CONFIG="training/configs/finetune-cpu.yaml", INIT=str(start), STUDIES="600",
+                         STAGE1_SEED="5", STAGE1_CHECKPOINT="last.pt")
+    assert result.returncode == 0, result.stderr
+    work = tmp_path / "work"
+    training = _call(calls, "phantoms", "--out", str(work / "phantoms-train"))
+    assert (_value(training, "--seed"), _value(training, "--studies")) == ("5", "600")
+    assert _value(_call(calls, "phantoms", "--out", str(work / "phantoms-stage2")), "--seed") == "3"
+    assert _value(_call(calls, "phantoms", "--out", str(work / "phantoms-test")), "--seed") == "1"
+    stage1 = next(call for call in calls if call[0] == "stage1")
+    assert _value(stage1, "--init") == str(start)
+    assert _value(stage1, "--config") == "training/configs/finetune-cpu.yaml"
+    last = str(work / "stage1" / "last.pt")
+    downstream = [call for call in calls if call[0] in {"features", "evaluate", "export"}]
+    assert len(downstream) == 4
+    assert all(_value(call, "--stage1") == last for call in downstream)
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"STAGE1_CHECKPOINT": "epoch3.pt"}, "STAGE1_CHECKPOINT must be best.pt or last.pt"),
+    ({"INIT": "/nonexistent/pe-demo.pt"}, "INIT: no such file: /nonexistent/pe-demo.pt"),
+])
+def test_a_wrong_setting_stops_the_script_before_any_step(tmp_path: Path, env: dict[str, str], message: str) -> None:
+    result, calls = _run(tmp_path, **env)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert calls == []
