@@ -83,7 +83,7 @@ init=()
 if [ -n "$INIT" ]; then
     init=(--init "$INIT")
 fi
-step stage1 "$PE_TRAIN" stage1 --config "$CONFIG" --cache "$WORK/cache-train" --out "$WORK/stage1" "${init[@]}"
+step stage1 "$PE_TRAIN" stage1 --config "$CONFIG" --cache "$WORK/cache-train" --out "$WORK/stage1" ${init[@]+"${init[@]}"}
 STAGE1="$WORK/stage1/$STAGE1_CHECKPOINT"
 step features-stage2 "$PE_TRAIN" features --config "$CONFIG" --stage1 "$STAGE1" \
     --cache "$WORK/cache-stage2" --out "$WORK/features-stage2"
