@@ -8,7 +8,9 @@
 # training phantoms, 400), TEST_STUDIES (held-out phantoms, 80), WORKERS (phantom-writing processes, 2), INIT (a
 # trained stage 1, a best.pt or a pe-node checkpoint, that stage 1 fine-tunes instead of starting from the config's
 # backbone weights; none by default), STAGE1_CHECKPOINT (the stage-1 checkpoint that features, evaluate and export
-# take: best.pt, the default, or last.pt), PE_TRAIN (the pe-train command).
+# take: best.pt, the default, or last.pt), STAGE1_OPTIONS (more options for `pe-train stage1`, split at spaces, e.g.
+# "--set stage1.epochs=5 --set stage1.max_minutes=null" to train the epochs a time budget gave on another machine),
+# PE_TRAIN (the pe-train command).
 # Stage 2 learns from the embeddings of studies stage 1 never saw (a second phantom set, seed 3): on the embeddings
 # of stage 1's own training studies it learns how stage 1 behaves on studies it was fitted to, not on new ones.
 # The shipped weights come from `CONFIG=training/configs/demo-gpu.yaml STUDIES=1000 STAGE2_STUDIES=800
@@ -16,12 +18,13 @@
 # default, is the same recipe sized for two CPU cores (about 75 minutes, weaker weights). A CUDA GPU is used when
 # present (device: auto). The same commands train on the real RSNA-STR data set: point `prepare --data` at it
 # instead of the phantoms and raise the sizes in the config.
-# The stage 1 shipped now is that GPU stage 1 fine-tuned on two CPU cores; from the file shipped before (commit
-# 4bf06d8), the CPU part of the recipe is
-#   git show 4bf06d8:models/pe-demo.pt > pe-demo-before.pt
-#   CONFIG=training/configs/finetune-cpu.yaml INIT=pe-demo-before.pt STUDIES=600 STAGE1_SEED=5 \
-#   STAGE1_CHECKPOINT=last.pt STAGE2_STUDIES=800 TEST_STUDIES=400 training/demo.sh runs/finetune
-# (about two hours and ten minutes on two cores; models/README.md).
+# The stage 1 shipped now is that GPU stage 1 fine-tuned twice on two CPU cores; from the file shipped before
+# (commit f91dbaa), the last fine-tuning and all after it are
+#   git show f91dbaa:models/pe-demo.pt > pe-demo-before.pt
+#   CONFIG=training/configs/finetune-cpu.yaml INIT=pe-demo-before.pt STUDIES=600 STAGE1_SEED=6 \
+#   STAGE1_OPTIONS="--set stage1.epochs=5 --set stage1.max_minutes=null" STAGE2_STUDIES=800 TEST_STUDIES=400 \
+#   training/demo.sh runs/finetune
+# (about 80 minutes on the two cores that ran it; models/README.md has the first fine-tuning's command too).
 set -euo pipefail
 
 WORK=${1:-runs/demo}
@@ -34,6 +37,7 @@ STAGE2_STUDIES=${STAGE2_STUDIES:-400}
 TEST_STUDIES=${TEST_STUDIES:-80}
 WORKERS=${WORKERS:-2}
 INIT=${INIT:-}
+read -r -a stage1_options <<<"${STAGE1_OPTIONS:-}"
 STAGE1_CHECKPOINT=${STAGE1_CHECKPOINT:-best.pt}
 case $STAGE1_CHECKPOINT in
     best.pt | last.pt) ;;
@@ -79,11 +83,11 @@ step prepare-stage2 "$PE_TRAIN" prepare --config "$CONFIG" --data "$WORK/phantom
     --cache "$WORK/cache-stage2"
 step prepare-test "$PE_TRAIN" prepare --config "$CONFIG" --data "$WORK/phantoms-test" --cache "$WORK/cache-test" \
     --split-all test
-init=()
 if [ -n "$INIT" ]; then
-    init=(--init "$INIT")
+    stage1_options+=(--init "$INIT")
 fi
-step stage1 "$PE_TRAIN" stage1 --config "$CONFIG" --cache "$WORK/cache-train" --out "$WORK/stage1" ${init[@]+"${init[@]}"}
+step stage1 "$PE_TRAIN" stage1 --config "$CONFIG" --cache "$WORK/cache-train" --out "$WORK/stage1" \
+    ${stage1_options[@]+"${stage1_options[@]}"}
 STAGE1="$WORK/stage1/$STAGE1_CHECKPOINT"
 step features-stage2 "$PE_TRAIN" features --config "$CONFIG" --stage1 "$STAGE1" \
     --cache "$WORK/cache-stage2" --out "$WORK/features-stage2"

@@ -1,4 +1,4 @@
-"""training/demo.sh: the steps it runs, and what INIT, STAGE1_SEED and STAGE1_CHECKPOINT change in them.
+"""training/demo.sh: the steps it runs, and what INIT, STAGE1_SEED, STAGE1_CHECKPOINT and STAGE1_OPTIONS change.
 
 ``PE_TRAIN`` points the script at a command that writes down the arguments of each call instead of training, so the
 test reads the recipe the script runs; the steps themselves are tested with the real pe-train in
@@ -30,7 +30,8 @@ def _run(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], 
         encoding="utf-8")
     recorder.chmod(0o755)
     environment = {key: value for key, value in os.environ.items()
-                   if key not in {"CONFIG", "OUT", "STUDIES", "STAGE1_SEED", "INIT", "STAGE1_CHECKPOINT"}}
+                   if key not in {"CONFIG", "OUT", "STUDIES", "STAGE1_SEED", "INIT", "STAGE1_CHECKPOINT",
+                                  "STAGE1_OPTIONS"}}
     environment.update(PE_TRAIN=str(recorder), **env)
     result = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "work")], cwd=REPO, env=environment,
                             capture_output=True, text=True, timeout=60)
@@ -55,7 +56,7 @@ def test_the_default_recipe_trains_stage_1_from_the_configs_start_and_goes_on_fr
         "stage1", "features", "features", "stage2", "stage2", "evaluate", "export"]
     assert [_value(call, "--seed") for call in calls[:3]] == ["0", "3", "1"]
     stage1 = _call(calls, "stage1", "--cache", str(work / "cache-train"))
-    assert "--init" not in stage1
+    assert "--init" not in stage1 and "--set" not in stage1
     assert _value(stage1, "--config") == "training/configs/demo.yaml"
     best = str(work / "stage1" / "best.pt")
     for call in calls[7:]:
@@ -69,7 +70,8 @@ def test_init_fine_tunes_a_trained_stage_1_on_phantoms_of_the_seed_asked_and_use
     start = tmp_path / "pe-demo-before.pt"
     start.write_bytes(b"weights")
     result, calls = _run(tmp_path, CONFIG="training/configs/finetune-cpu.yaml", INIT=str(start), STUDIES="600",
-                         STAGE1_SEED="5", STAGE1_CHECKPOINT="last.pt")
+                         STAGE1_SEED="5", STAGE1_CHECKPOINT="last.pt",
+                         STAGE1_OPTIONS="--set stage1.epochs=2 --set stage1.max_minutes=null")
     assert result.returncode == 0, result.stderr
     work = tmp_path / "work"
     training = _call(calls, "phantoms", "--out", str(work / "phantoms-train"))
@@ -78,6 +80,8 @@ def test_init_fine_tunes_a_trained_stage_1_on_phantoms_of_the_seed_asked_and_use
     assert _value(_call(calls, "phantoms", "--out", str(work / "phantoms-test")), "--seed") == "1"
     stage1 = next(call for call in calls if call[0] == "stage1")
     assert _value(stage1, "--init") == str(start)
+    sets = [stage1[i + 1] for i, option in enumerate(stage1) if option == "--set"]
+    assert sets == ["stage1.epochs=2", "stage1.max_minutes=null"]
     assert _value(stage1, "--config") == "training/configs/finetune-cpu.yaml"
     last = str(work / "stage1" / "last.pt")
     downstream = [call for call in calls if call[0] in {"features", "evaluate", "export"}]
