@@ -121,7 +121,8 @@ def _stage1_of_checkpoint(path: Path) -> TrainState:
         inputs={"checkpoint": str(path.resolve()), "checkpoint_sha256": loaded.meta.sha256,
                 "command": stage1.get("command") or [], "world_size": stage1.get("world_size", 1)},
         extra={"data": provenance.get("data") or {}, "backbone_weights": provenance.get("backbone_weights") or {},
-               "stage1_provenance": stage1, "code": stage1.get("code") or provenance.get("code")},
+               # The stage's own commit only: the checkpoint's top-level one is where it was exported, not trained.
+               "stage1_provenance": stage1, "code": stage1.get("code")},
     )
 
 
