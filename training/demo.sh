@@ -8,12 +8,12 @@
 # training phantoms, 400), TEST_STUDIES (held-out phantoms, 80), WORKERS (phantom-writing processes, 2), INIT (a
 # trained stage 1, a best.pt or a pe-node checkpoint, that stage 1 fine-tunes instead of starting from the config's
 # backbone weights; none by default), STAGE1_CHECKPOINT (the stage-1 checkpoint that features, evaluate and export
-# take: best.pt, the default, or last.pt), STAGE1_OPTIONS (more options for `pe-train stage1`, split at spaces, e.g.
-# "--set stage1.epochs=5 --set stage1.max_minutes=null" to train the epochs a time budget gave on another machine),
-# PE_TRAIN (the pe-train command).
+# take: best.pt, the default, or last.pt), STAGE1_OPTIONS (more options for `pe-train stage1`, on one line, split at
+# spaces with no quoting, e.g. "--set stage1.epochs=5 --set stage1.max_minutes=null" to train the epochs a time
+# budget gave on another machine; --init goes in INIT), PE_TRAIN (the pe-train command).
 # Stage 2 learns from the embeddings of studies stage 1 never saw (a second phantom set, seed 3): on the embeddings
 # of stage 1's own training studies it learns how stage 1 behaves on studies it was fitted to, not on new ones.
-# The shipped weights come from `CONFIG=training/configs/demo-gpu.yaml STUDIES=1000 STAGE2_STUDIES=800
+# The shipped weights started from `CONFIG=training/configs/demo-gpu.yaml STUDIES=1000 STAGE2_STUDIES=800
 # TEST_STUDIES=400 WORKERS=16` on one GPU (about nine minutes of stage 1 and data on an H200); demo.yaml, the
 # default, is the same recipe sized for two CPU cores (about 75 minutes, weaker weights). A CUDA GPU is used when
 # present (device: auto). The same commands train on the real RSNA-STR data set: point `prepare --data` at it
@@ -23,7 +23,7 @@
 #   git show f91dbaa:models/pe-demo.pt > pe-demo-before.pt
 #   CONFIG=training/configs/finetune-cpu.yaml INIT=pe-demo-before.pt STUDIES=600 STAGE1_SEED=6 \
 #   STAGE1_OPTIONS="--set stage1.epochs=5 --set stage1.max_minutes=null" STAGE2_STUDIES=800 TEST_STUDIES=400 \
-#   training/demo.sh runs/finetune
+#   training/demo.sh runs/finetune2
 # (about 80 minutes on the two cores that ran it; models/README.md has the first fine-tuning's command too).
 set -euo pipefail
 
@@ -43,6 +43,11 @@ case $STAGE1_CHECKPOINT in
     best.pt | last.pt) ;;
     *) echo "STAGE1_CHECKPOINT must be best.pt or last.pt, not '$STAGE1_CHECKPOINT'" >&2; exit 2 ;;
 esac
+for option in ${stage1_options[@]+"${stage1_options[@]}"}; do
+    case $option in
+        --init | --init=*) echo "STAGE1_OPTIONS: give the starting weights as INIT, not $option" >&2; exit 2 ;;
+    esac
+done
 if [ -n "$INIT" ] && [ ! -f "$INIT" ]; then
     echo "INIT: no such file: $INIT" >&2
     exit 2
