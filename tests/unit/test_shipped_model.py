@@ -57,6 +57,14 @@ def test_the_model_card_gives_the_checkpoints_own_evaluation_numbers() -> None:
     assert "training/demo.sh" in card
 
 
+def _stage1_chain(provenance: dict) -> list[dict]:
+    """Stage 1's record, then the record of each stage 1 it was fine-tuned from (``init``), back to the first."""
+    chain = [provenance["stage1"]]
+    while chain[-1].get("init"):
+        chain.append(chain[-1]["init"]["stage1"])
+    return chain
+
+
 def test_the_training_configs_are_those_each_stage_of_the_weights_was_trained_with() -> None:
     # Stage 1 was trained on a GPU with demo-gpu.yaml, then fine-tuned twice with finetune-cpu.yaml (the first time
     # selecting on validation study AUC, as the file then said), and stage 2 trained behind it with finetune-cpu.yaml.
@@ -66,11 +74,10 @@ def test_the_training_configs_are_those_each_stage_of_the_weights_was_trained_wi
     gpu = load_train_config(configs / "demo-gpu.yaml").model_dump(mode="json")
     first = {**fine, "stage1": {**fine["stage1"], "select": "val_study_auc"}}
     defaults = TrainConfig().model_dump(mode="json")
-    chain = [provenance["stage1"]]
-    while chain[-1].get("init"):
+    chain = _stage1_chain(provenance)
+    for fine_tuned in chain[:-1]:
         # The config keeps the path as given, the init record the file it resolved to.
-        assert chain[-1]["init"]["path"].endswith(chain[-1]["config"]["stage1"]["init"])
-        chain.append(chain[-1]["init"]["stage1"])
+        assert fine_tuned["init"]["path"].endswith(fine_tuned["config"]["stage1"]["init"])
     assert len(chain) == 3, "stage 1: the GPU run and two fine-tunings"
     both = ("stage1", "model", "preprocess")
     for recorded, config, sections in ((chain[0]["config"], fine, both), (chain[1]["config"], first, both),
@@ -83,10 +90,8 @@ def test_the_training_configs_are_those_each_stage_of_the_weights_was_trained_wi
 
 
 def test_the_card_says_where_each_fine_tunings_starting_weights_are_and_their_hashes_are_the_recorded_ones() -> None:
-    stage1, recorded = load_checkpoint(CHECKPOINT).meta.provenance["stage1"], []
-    while stage1.get("init"):
-        recorded.append(stage1["init"]["sha256"])
-        stage1 = stage1["init"]["stage1"]
+    chain = _stage1_chain(load_checkpoint(CHECKPOINT).meta.provenance)
+    recorded = [fine_tuned["init"]["sha256"] for fine_tuned in chain[:-1]]
     card = CARD.read_text(encoding="utf-8")
     starting_file = r"`git show ([0-9a-f]{7,40}):models/pe-demo\.pt > (pe-demo-[a-z]+\.pt)`.*?SHA-256\s+([0-9a-f]{64})"
     named = re.findall(starting_file, card, re.DOTALL)
