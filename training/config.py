@@ -114,7 +114,7 @@ class ModelSection(_Section):
 
 
 class OptimConfig(_Section):
-    """Adam, a learning-rate schedule per epoch, gradient clipping and mixed precision (CUDA only)."""
+    """Adam, a learning-rate schedule per epoch, gradient clipping and mixed precision."""
 
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
@@ -124,7 +124,8 @@ class OptimConfig(_Section):
     step_epochs: int = Field(1, ge=1, description="epochs between decays of the step schedule")
     gamma: float = Field(0.5, gt=0.0, le=1.0, description="decay factor of the step schedule")
     grad_clip: float | None = Field(1.0, gt=0.0, description="largest gradient norm; null: no clipping")
-    amp: bool = Field(True, description="autocast on CUDA (bf16 if supported, else fp16 with loss scaling)")
+    amp: bool = Field(True, description="autocast on CUDA (bf16 if supported, else fp16 with loss scaling) and, for "
+                      "stage 1, bf16 on CPUs that compute it natively (AMX or AVX512-BF16)")
     max_minutes: float | None = Field(
         None, gt=0.0,
         description="time budget: after the first and again after the second epoch the stage plans as many of its "

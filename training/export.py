@@ -83,6 +83,7 @@ def _stage(state: TrainState, path: Path) -> dict[str, Any]:
         **({"data": state.extra["data"]} if state.stage == "stage2" and "data" in state.extra else {}),
         **({"init": state.extra["init"]} if "init" in state.extra else {}),
         **({"code": state.extra["code"]} if "code" in state.extra else {}),
+        **({"precision": state.extra["precision"]} if "precision" in state.extra else {}),
     }
 
 

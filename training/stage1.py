@@ -81,7 +81,8 @@ def train_stage1(
     network = encoder
     if processes.distributed:
         network = DistributedDataParallel(encoder, device_ids=[device] if device.type == "cuda" else None)
-    optimization = Optimization(network.parameters(), config.stage1, device)
+    optimization = Optimization(network.parameters(), config.stage1, device, cpu_bf16=True)
+    logger.info("stage 1 trains on %s in %s", device, optimization.precision)
     state = TrainState(
         stage="stage1",
         model_name=model.name,
@@ -90,8 +91,8 @@ def train_stage1(
         weights={},
         config=config.model_dump(mode="json"),
         inputs={"cache": str(cache.root.resolve()), "command": command or [], "world_size": processes.world_size},
-        extra={"data": cache.describe(), "code": source_code(), **({"backbone_weights": weights} if weights else {}),
-               **({"init": start} if start else {})},
+        extra={"data": cache.describe(), "code": source_code(), "precision": optimization.precision,
+               **({"backbone_weights": weights} if weights else {}), **({"init": start} if start else {})},
     )
 
     def train_epoch(epoch: int) -> tuple[float, dict[str, list[int]]]:

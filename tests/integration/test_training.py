@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from pe_node.model import Predictor, check, load_checkpoint
+from pe_node.model import Predictor, check, cpu_has_fast_bf16, load_checkpoint
 from pe_node.model.checkpoint import file_sha256
 from pe_node.pipeline.series import load_series
 from training.cli import main
@@ -70,6 +70,7 @@ def test_stage1_loss_goes_down_and_the_run_folder_holds_what_resuming_needs(work
                                                                          "metrics.json"]
     last = load_state(workspace / "stage1/last.pt", "stage1")
     assert last.epoch == 4 and last.optimizer is not None and last.rng is not None
+    assert last.extra["precision"] == ("bf16" if cpu_has_fast_bf16() else "fp32")
     assert yaml.safe_load((workspace / "stage1/config.yaml").read_text())["model"]["backbone"] == "test_efficientnet"
 
 

@@ -152,3 +152,23 @@ def test_a_resumed_run_from_trained_weights_does_not_validate_them_again(tmp_pat
     resumed, rates = _fit(tmp_path, Stage1Config(epochs=2, lr=1e-3), validations[2:], Clock(1.0), monkeypatch,
                           resume=True, validate_first=True)
     assert len(rates) == 1 and [h["epoch"] for h in resumed.history] == [0, 1, 2] and resumed.best_epoch == 2
+
+
+@pytest.mark.parametrize(("native", "cpu_bf16", "amp", "precision"), [
+    (True, True, True, "bf16"),    # stage 1 on a CPU with AMX or AVX512-BF16
+    (False, True, True, "fp32"),   # bf16 emulated: slower than float32
+    (True, False, True, "fp32"),   # stage 2 (its LSTM) stays float32 on the CPU
+    (True, True, False, "fp32"),   # amp: false
+])
+def test_on_the_cpu_a_stage_that_asks_for_it_runs_in_bf16_only_where_the_cpu_computes_it_natively(
+        monkeypatch: pytest.MonkeyPatch, native: bool, cpu_bf16: bool, amp: bool, precision: str) -> None:
+    monkeypatch.setattr(loop, "cpu_has_fast_bf16", lambda: native)
+    module = nn.Linear(4, 1)
+    optimization = loop.Optimization(module.parameters(), Stage1Config(amp=amp), torch.device("cpu"),
+                                     cpu_bf16=cpu_bf16)
+    assert optimization.precision == precision
+    with optimization.autocast():
+        output = module(torch.ones(2, 4))
+    assert output.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    optimization.step(output.float().sum())  # the weights and their gradients stay float32
+    assert module.weight.dtype == torch.float32 and module.weight.grad.dtype == torch.float32
