@@ -4,8 +4,8 @@
 #   training/demo.sh [WORK]        (WORK: where data, caches, runs and the report go; default runs/demo)
 #
 # Environment: CONFIG (training/configs/demo.yaml), OUT (WORK/pe-demo.pt; OUT=models/pe-demo.pt replaces the
-# shipped weights), STUDIES (stage-1 training phantoms, 900), STAGE1_SEED (their seed, 0), STAGE2_STUDIES (stage-2
-# training phantoms, 400), TEST_STUDIES (held-out phantoms, 80), WORKERS (phantom-writing processes, 2), INIT (a
+# shipped weights), STUDIES (stage-1 training phantoms, 1000), STAGE1_SEED (their seed, 0), STAGE2_STUDIES (stage-2
+# training phantoms, 800), TEST_STUDIES (held-out phantoms, 400), WORKERS (phantom-writing processes, 2), INIT (a
 # trained stage 1, a best.pt or a pe-node checkpoint, that stage 1 fine-tunes instead of starting from the config's
 # backbone weights; none by default), STAGE1_CHECKPOINT (the stage-1 checkpoint that features, evaluate and export
 # take: best.pt, the default, or last.pt), STAGE1_OPTIONS (more options for `pe-train stage1`, on one line, split at
@@ -13,17 +13,16 @@
 # budget gave on another machine; --init goes in INIT), PE_TRAIN (the pe-train command).
 # Stage 2 learns from the embeddings of studies stage 1 never saw (a second phantom set, seed 3): on the embeddings
 # of stage 1's own training studies it learns how stage 1 behaves on studies it was fitted to, not on new ones.
-# The shipped weights started from `CONFIG=training/configs/demo-gpu.yaml STUDIES=1000 STAGE2_STUDIES=800
-# TEST_STUDIES=400 WORKERS=16` on one GPU (about nine minutes of stage 1 and data on an H200); demo.yaml, the
-# default, is the same recipe sized for two CPU cores (about 75 minutes, weaker weights). A CUDA GPU is used when
-# present (device: auto). The same commands train on the real RSNA-STR data set: point `prepare --data` at it
-# instead of the phantoms and raise the sizes in the config.
+# The shipped weights started from `CONFIG=training/configs/demo-gpu.yaml WORKERS=16` on one GPU (about nine
+# minutes of stage 1 and data on an H200); demo.yaml, the default, is the same recipe with the time budget of two
+# CPU cores (about 100 minutes from nothing, weaker weights). A CUDA GPU is used when present (device: auto). The
+# same commands train on the real RSNA-STR data set: point `prepare --data` at it instead of the phantoms and raise
+# the sizes in the config.
 # The stage 1 shipped now is that GPU stage 1 fine-tuned twice on two CPU cores; from the file shipped before
 # (commit f91dbaa), the last fine-tuning and all after it are
 #   git show f91dbaa:models/pe-demo.pt > pe-demo-before.pt
 #   CONFIG=training/configs/finetune-cpu.yaml INIT=pe-demo-before.pt STUDIES=600 STAGE1_SEED=6 \
-#   STAGE1_OPTIONS="--set stage1.epochs=5 --set stage1.max_minutes=null" STAGE2_STUDIES=800 TEST_STUDIES=400 \
-#   training/demo.sh runs/finetune2
+#   STAGE1_OPTIONS="--set stage1.epochs=5 --set stage1.max_minutes=null" training/demo.sh runs/finetune2
 # (about 80 minutes on the two cores that ran it; models/README.md has the first fine-tuning's command too).
 set -euo pipefail
 
@@ -31,10 +30,10 @@ WORK=${1:-runs/demo}
 CONFIG=${CONFIG:-training/configs/demo.yaml}
 OUT=${OUT:-$WORK/pe-demo.pt}
 PE_TRAIN=${PE_TRAIN:-pe-train}
-STUDIES=${STUDIES:-900}
+STUDIES=${STUDIES:-1000}
 STAGE1_SEED=${STAGE1_SEED:-0}
-STAGE2_STUDIES=${STAGE2_STUDIES:-400}
-TEST_STUDIES=${TEST_STUDIES:-80}
+STAGE2_STUDIES=${STAGE2_STUDIES:-800}
+TEST_STUDIES=${TEST_STUDIES:-400}
 WORKERS=${WORKERS:-2}
 INIT=${INIT:-}
 read -r -a stage1_options <<<"${STAGE1_OPTIONS:-}"

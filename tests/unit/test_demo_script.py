@@ -56,6 +56,7 @@ def test_the_default_recipe_trains_stage_1_from_the_configs_start_and_goes_on_fr
     assert [call[0] for call in calls] == ["phantoms"] * 3 + ["prepare"] * 3 + [
         "stage1", "features", "features", "stage2", "stage2", "evaluate", "export"]
     assert [_value(call, "--seed") for call in calls[:3]] == ["0", "3", "1"]
+    assert [_value(call, "--studies") for call in calls[:3]] == ["1000", "800", "400"], "the card's set sizes"
     stage1 = _call(calls, "stage1", "--cache", str(work / "cache-train"))
     assert stage1 == ["stage1", "--config", "training/configs/demo.yaml", "--cache", str(work / "cache-train"),
                       "--out", str(work / "stage1")]

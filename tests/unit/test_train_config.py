@@ -118,3 +118,12 @@ def test_the_fine_tuning_config_goes_on_from_the_model_and_inputs_of_demo_gpu() 
     fine, gpu = (load_train_config(configs / name) for name in ("finetune-cpu.yaml", "demo-gpu.yaml"))
     assert fine.model == gpu.model and fine.preprocess == gpu.preprocess, "else stage1.init refuses the weights"
     assert fine.stage1.lr < gpu.stage1.lr and fine.stage1.chronic_repeats > 1
+
+
+def test_the_cpu_demo_recipe_is_the_gpu_one_with_the_time_budget_and_processes_of_two_cores() -> None:
+    configs = Path(__file__).resolve().parents[2] / "training" / "configs"
+    cpu, gpu = (load_train_config(configs / name).model_dump() for name in ("demo.yaml", "demo-gpu.yaml"))
+    assert (cpu["data"]["workers"], cpu["stage1"]["loader_workers"], cpu["stage1"]["max_minutes"]) == (2, 1, 55)
+    for config in (cpu, gpu):
+        del config["data"]["workers"], config["stage1"]["loader_workers"], config["stage1"]["max_minutes"]
+    assert cpu == gpu
