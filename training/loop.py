@@ -1,17 +1,16 @@
 """The epoch loop both stages share (paper section 3.2: Adam, the RSNA loss, the model of lowest validation loss).
 
-``Optimization`` is Adam with a per-epoch learning-rate schedule, gradient clipping and autocast: on CUDA bf16 where
-the GPU has it, else fp16 with a gradient scaler; on the CPU bf16 for a stage that asks for it (stage 1's
-convolutions, about twice as fast) where the CPU computes bf16 natively (AMX or AVX512-BF16), else float32. The
-weights, the optimizer and the loss stay float32 either way. ``fit`` runs
-the epochs: train, validate, keep ``last.pt`` every epoch and ``best.pt`` when the validation number the stage
-selects by (``select``: the loss by default, as in the paper, or an AUC) improves, and write ``config.yaml`` and
-``metrics.json`` beside them. With ``max_minutes`` the first two epochs set the pace: the stage runs as many of its
-epochs as fit in the budget (``planned_epochs`` in the metrics) and the schedule spans those. With ``resume`` it
-restores the weights, optimizer, scaler, epoch (and so the learning-rate schedule, a function of the epoch), best
-loss, history and RNG state from ``last.pt`` and goes on from the next epoch: the run ends exactly where an
-uninterrupted one would. With ``validate_first`` (a stage that starts from trained weights) the weights are
-validated before any training, as epoch 0: ``best.pt`` stays the starting point unless an epoch beats it.
+``Optimization`` is Adam with a per-epoch learning-rate schedule, gradient clipping and autocast: on CUDA bf16 where the
+GPU has it, else fp16 with a gradient scaler; on the CPU bf16 for a stage that asks for it (stage 1's convolutions,
+about twice as fast) where the CPU computes bf16 natively (AMX or AVX512-BF16), else float32. The weights, the optimizer
+and the loss stay float32 either way. ``fit`` runs the epochs: train, validate, keep ``last.pt`` every epoch and
+``best.pt`` when the validation number the stage selects by (``select``: the loss by default, as in the paper, or an
+AUC) improves, and write ``config.yaml`` and ``metrics.json`` beside them. With ``max_minutes`` the first two epochs set
+the pace: the stage runs as many of its epochs as fit in the budget (``planned_epochs`` in the metrics) and the schedule
+spans those. With ``resume`` it restores the weights, optimizer, scaler, epoch (and so the learning-rate schedule, a
+function of the epoch), best loss, history and RNG state from ``last.pt`` and goes on from the next epoch: the run ends
+exactly where an uninterrupted one would. With ``validate_first`` (a stage that starts from trained weights) the weights
+are validated before any training, as epoch 0: ``best.pt`` stays the starting point unless an epoch beats it.
 """
 
 from __future__ import annotations

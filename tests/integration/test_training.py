@@ -114,6 +114,7 @@ def test_pipeline_trains_evaluates_and_exports_a_checkpoint_pe_node_serves(works
     provenance = loaded.meta.provenance
     assert provenance["stage1"]["command"][:2] == ["pe-train", "stage1"]
     assert provenance["stage1"]["code"] == provenance["stage2"]["code"] == provenance["code"], "each stage's commit"
+    assert provenance["stage1"]["precision"] == ("bf16" if cpu_has_fast_bf16() else "fp32")
     assert provenance["evaluation"]["models"]["full"]["title"].startswith("Full model")
     assert provenance["evaluation"]["bootstrap"] == metrics["bootstrap"]
     study = next(s for s in read_rspect(phantom_heldout_dir).values() if s.pe_present)
