@@ -31,10 +31,9 @@ from training.config import Stage1Config  # noqa: E402
 from training.loop import Optimization  # noqa: E402
 
 
-def time_steps(amp: bool, args: argparse.Namespace, device: torch.device,
-               rounds: int) -> tuple[list[float], str]:
-    """Seconds per training step, one figure per round of ``args.steps`` steps (after two warm-up steps), and the
-    precision the trainer picked."""
+def time_steps(amp: bool, args: argparse.Namespace, device: torch.device) -> tuple[float, str]:
+    """Seconds per training step over ``args.steps`` steps (after two warm-up steps), and the precision the trainer
+    picked."""
     torch.manual_seed(0)
     encoder = create_model("pe_cnn_lstm", backbone=args.backbone).encoder.to(device, memory_format=torch.channels_last)
     encoder.train()
@@ -55,13 +54,10 @@ def time_steps(amp: bool, args: argparse.Namespace, device: torch.device,
 
     for _ in range(2):
         step()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        times.append((time.perf_counter() - start) / args.steps)
-    return times, optimization.precision
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    return (time.perf_counter() - start) / args.steps, optimization.precision
 
 
 def main() -> None:
@@ -79,15 +75,13 @@ def main() -> None:
     print(f"stage-1 training step: {args.backbone} at {args.input_size} px, batches of {args.batch_size}, "
           f"{args.threads} threads on {platform.processor() or platform.machine()} ({args.device}; native CPU bf16: "
           f"{cpu_has_fast_bf16()}), torch {torch.__version__}")
-    best = {"fp32": float("inf"), "amp": float("inf")}
-    picked = "fp32"
+    plain, fast = [], []
     for _ in range(args.rounds):
-        plain, _ = time_steps(False, args, device, 1)
-        fast, picked = time_steps(True, args, device, 1)
-        best["fp32"] = min(best["fp32"], *plain)
-        best["amp"] = min(best["amp"], *fast)
-    fp32 = args.batch_size / best["fp32"]
-    amp = args.batch_size / best["amp"]
+        plain.append(time_steps(False, args, device)[0])
+        seconds, picked = time_steps(True, args, device)
+        fast.append(seconds)
+    fp32 = args.batch_size / min(plain)
+    amp = args.batch_size / min(fast)
     print(f"  float32:                      {fp32:6.1f} slices/s")
     print(f"  the trainer's pick ({picked}):   {amp:6.1f} slices/s")
     print(f"  ratio {picked} / float32: {amp / fp32:.2f}x")
