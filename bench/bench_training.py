@@ -1,11 +1,11 @@
 """Benchmark of stage-1 training: slices/s of a training step in bf16 autocast against plain float32, same run.
 
 Run from a checkout: ``.venv/bin/python bench/bench_training.py`` (``--help`` for options). It builds stage 1 of the
-demo recipe (ResNet-18-D, random weights) and times the step ``pe-train stage1`` takes for each batch: uint8 cache
-windows to the normalised input, augmentation, the forward pass in channels_last, the slice loss, backward,
-clipping and the Adam step (``training.loop.Optimization``), once with the precision the trainer picks on this
-machine (bf16 where the CPU computes it natively, or on CUDA) and once in float32, alternating rounds so that other
-load on the host falls on both. It prints figures and asserts nothing.
+demo recipe (ResNet-18-D, random weights) and times the trainer's own step (``training.stage1.train_step``: uint8
+cache windows to the normalised input, augmentation, the forward pass in channels_last, the slice loss, backward,
+clipping and the Adam step), once with the precision the trainer picks on this machine (bf16 where the CPU computes
+it natively, or on CUDA) and once in float32, alternating rounds so that other load on the host falls on both. It
+prints figures and asserts nothing.
 """
 
 from __future__ import annotations
@@ -24,11 +24,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_predictor.py
 import torch  # noqa: E402
 
 from pe_node.model import PreprocessConfig, cpu_has_fast_bf16, create_model  # noqa: E402
-from pe_node.model.loss import slice_loss  # noqa: E402
-from training.augment import augment  # noqa: E402
-from training.cache import to_input  # noqa: E402
 from training.config import Stage1Config  # noqa: E402
 from training.loop import Optimization  # noqa: E402
+from training.stage1 import train_step  # noqa: E402
 
 
 def time_steps(amp: bool, args: argparse.Namespace, device: torch.device) -> tuple[float, str]:
@@ -37,18 +35,15 @@ def time_steps(amp: bool, args: argparse.Namespace, device: torch.device) -> tup
     torch.manual_seed(0)
     encoder = create_model("pe_cnn_lstm", backbone=args.backbone).encoder.to(device, memory_format=torch.channels_last)
     encoder.train()
-    optimization = Optimization(encoder.parameters(), Stage1Config(amp=amp, lr=1e-4), device, cpu_bf16=True)
+    stage1 = Stage1Config(amp=amp, lr=1e-4, augment=True, image_weight=1000.0)
+    optimization = Optimization(encoder.parameters(), stage1, device, cpu_bf16=True)
     preprocess = PreprocessConfig(size=args.input_size)
     stored = torch.randint(0, 256, (args.batch_size, 3, args.input_size, args.input_size), dtype=torch.uint8)
-    image_labels = (torch.rand(args.batch_size) < 0.3).float().to(device)
-    exam_labels = (torch.rand(args.batch_size, 9) < 0.3).float().to(device)
+    image_labels = (torch.rand(args.batch_size) < 0.3).float()
+    exam_labels = (torch.rand(args.batch_size, 9) < 0.3).float()
 
     def step() -> None:
-        inputs = augment(to_input(stored.to(device), preprocess))
-        with optimization.autocast():
-            output = encoder(inputs.contiguous(memory_format=torch.channels_last))
-        loss = slice_loss(output.image.float(), output.exam.float(), image_labels, exam_labels, image_weight=1000.0)
-        optimization.step(loss)
+        train_step(encoder, optimization, stored, image_labels, exam_labels, preprocess, stage1, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
 

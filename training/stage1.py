@@ -21,12 +21,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pe_node.model import PEModel, SliceEncoder, create_model, slice_loss
+from pe_node.model import PEModel, PreprocessConfig, SliceEncoder, create_model, slice_loss
 from pe_node.model.checkpoint import file_sha256
 from training.augment import augment
 from training.backbone import load_backbone_weights
 from training.cache import Cache, CachedStudy, to_input
-from training.config import TrainConfig, TrainConfigError
+from training.config import Stage1Config, TrainConfig, TrainConfigError
 from training.data import SliceBatches, epoch_batches
 from training.distributed import Processes, shard
 from training.export import source_code, stage1_record
@@ -103,14 +103,8 @@ def train_stage1(
         total = count = 0.0
         bar = tqdm(loader, desc=f"stage1 epoch {epoch}", unit="batch", disable=not (progress and processes.is_main))
         for images, image_labels, exam_labels in bar:
-            inputs = to_input(images.to(device, non_blocking=True), cache.preprocess)
-            if config.stage1.augment:
-                inputs = augment(inputs)
-            with optimization.autocast():
-                output = network(inputs.contiguous(memory_format=torch.channels_last))
-            loss = slice_loss(output.image.float(), output.exam.float(), image_labels.to(device),
-                              exam_labels.to(device), image_weight=config.stage1.image_weight)
-            optimization.step(loss)
+            loss = train_step(network, optimization, images, image_labels, exam_labels, cache.preprocess,
+                              config.stage1, device)
             total += float(loss.detach()) * len(images)
             count += len(images)
             bar.set_postfix(loss=f"{total / count:.4f}")
@@ -126,6 +120,23 @@ def train_stage1(
 
     return fit(run, state, encoder, optimization, train_epoch, validate, config, processes, resume,
                validate_first=start is not None)
+
+
+def train_step(network: torch.nn.Module, optimization: Optimization, images: torch.Tensor, image_labels: torch.Tensor,
+               exam_labels: torch.Tensor, preprocess: PreprocessConfig, stage1: Stage1Config,
+               device: torch.device) -> torch.Tensor:
+    """One optimisation step of stage 1 on a batch of cached uint8 windows: to the normalised input, augmentation
+    (``stage1.augment``), the forward pass in channels_last under the optimization's autocast, the slice loss, and
+    backward, clipping and Adam (``Optimization.step``). Returns the batch's loss."""
+    inputs = to_input(images.to(device, non_blocking=True), preprocess)
+    if stage1.augment:
+        inputs = augment(inputs)
+    with optimization.autocast():
+        output = network(inputs.contiguous(memory_format=torch.channels_last))
+    loss = slice_loss(output.image.float(), output.exam.float(), image_labels.to(device), exam_labels.to(device),
+                      image_weight=stage1.image_weight)
+    optimization.step(loss)
+    return loss
 
 
 def start_from(path: Path, model: PEModel, cache: Cache, config: TrainConfig) -> dict[str, Any]:
