@@ -12,7 +12,8 @@ many studies broke the RSNA rules before. Scores: per-label AUC (nine exam label
 PE AUC (the study head's ``pe_score``; baseline 1: the highest image probability), the RSNA weighted log loss next to
 the constant-prediction baseline (training prevalences, from the stage-2 checkpoint), and accuracy at 0.5; with
 ``evaluate.bootstrap`` resamples (default 2000), 95 % intervals of the study PE AUC and the log loss, and the full
-model's paired differences from each baseline.
+model's paired differences from each baseline. Each kind of positive study (acute only, chronic only, acute and
+chronic) is also scored on its own against the studies without PE (``by_kind``).
 Figures and the markdown summary are drawn by ``training.figures`` and ``training.report``.
 """
 
@@ -219,6 +220,44 @@ def node_reading(predictions: Predictions, studies: list[CachedStudy]) -> dict[s
     }
 
 
+POSITIVE_KINDS = ("acute", "chronic", "acute_and_chronic")
+"""The kinds of positive study by their RSPECT labels: ``chronic_pe``, ``acute_and_chronic_pe`` or neither (acute)."""
+
+
+def positive_kind(study: CachedStudy) -> str | None:
+    """The kind of a positive study (``POSITIVE_KINDS``); ``None`` for a study without PE."""
+    if study.exam_class != "positive":
+        return None
+    if study.labels["chronic_pe"]:
+        return "chronic"
+    return "acute_and_chronic" if study.labels["acute_and_chronic_pe"] else "acute"
+
+
+def by_kind(predictions: Predictions, studies: list[CachedStudy]) -> dict[str, Any]:
+    """Where a model finds PE and where it misses: for each kind of positive study, how many there are, the study
+    PE AUC of those studies against every study without PE, how many pe-node's report reads present, and the image
+    AUC of their PE slices against every slice of the studies without PE. The study PE AUC of the whole set is the
+    kinds' AUCs weighted by their shares of the positives, so the table shows which kind costs how much of it."""
+    kinds = [positive_kind(s) for s in studies]
+    others = np.array([kind is None for kind in kinds])
+    other_slices = np.concatenate([p for p, k in zip(predictions.image, kinds, strict=True) if k is None] or [[]])
+    result: dict[str, Any] = {}
+    for name in POSITIVE_KINDS:
+        members = np.array([kind == name for kind in kinds])
+        if not members.any():
+            continue
+        pe_slices = np.concatenate([p[s.image.astype(bool)] for p, s, k in
+                                    zip(predictions.image, studies, kinds, strict=True) if k == name])
+        result[name] = {
+            "studies": int(members.sum()),
+            "study_pe_auc": auc(members[members | others], predictions.pe[members | others]),
+            "read_present": sum(r == "present" for r, m in zip(predictions.reading, members, strict=True) if m),
+            "image_auc": auc(np.r_[np.ones(len(pe_slices)), np.zeros(len(other_slices))],
+                             np.r_[pe_slices, other_slices]),
+        }
+    return result
+
+
 def score(predictions: Predictions, studies: list[CachedStudy]) -> dict[str, Any]:
     """The numbers of one model: AUCs, losses, accuracies and the consistency check."""
     exam_y = np.stack([s.exam for s in studies])
@@ -239,6 +278,7 @@ def score(predictions: Predictions, studies: list[CachedStudy]) -> dict[str, Any
         "accuracy": accuracies,
         "mean_label_accuracy": float(np.mean([accuracies[label] for label in EXAM_LABELS])),
         "node_reading": node_reading(predictions, studies),
+        "by_kind": by_kind(predictions, studies),
         "consistency": {"studies_breaking_rules_before": predictions.violations,
                         "studies_breaking_rules_after": remaining, "studies": len(studies)},
     }

@@ -111,6 +111,48 @@ def _reading_section(metrics: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+KIND_TITLES = {"acute": "acute PE only", "chronic": "chronic PE only", "acute_and_chronic": "acute and chronic PE"}
+"""The kinds of positive study of ``training.evaluate.by_kind``, as the report names them."""
+
+
+def _kind_section(metrics: dict[str, Any]) -> list[str]:
+    """Where each model finds PE and where it misses: the numbers of ``by_kind`` for each kind of positive study."""
+    models = {name: result for name, result in metrics["models"].items() if result.get("by_kind")}
+    if not models:
+        return []
+    kinds = [kind for kind in KIND_TITLES if any(kind in r["by_kind"] for r in models.values())]
+    header = "| positive studies | " + " | ".join(r["title"] for r in models.values()) + " |"
+    rule = "|---|" + "---|" * len(models)
+
+    def row(kind: str, cell: Any) -> str:
+        counts = {r["by_kind"][kind]["studies"] for r in models.values() if kind in r["by_kind"]}
+        return (f"| {KIND_TITLES[kind]} ({counts.pop()}) | "
+                + " | ".join(cell(r["by_kind"][kind]) if kind in r["by_kind"] else "n/a" for r in models.values())
+                + " |")
+
+    lines = [
+        "## By kind of positive study",
+        "",
+        "Each kind of positive study (by its `chronic_pe` and `acute_and_chronic_pe` labels) against every study "
+        "without PE. The study PE AUC of the whole set is these AUCs weighted by each kind's share of the positive "
+        "studies, so a kind with a low AUC shows how much of the whole it costs.",
+        "",
+        "Study PE AUC:",
+        "",
+        header, rule, *(row(kind, lambda k: _number(k["study_pe_auc"])) for kind in kinds),
+        "",
+        "Read present by pe-node's report:",
+        "",
+        header, rule, *(row(kind, lambda k: f"{k['read_present']} of {k['studies']}") for kind in kinds),
+        "",
+        "Image AUC of their PE slices against every slice of the studies without PE:",
+        "",
+        header, rule, *(row(kind, lambda k: _number(k["image_auc"])) for kind in kinds),
+        "",
+    ]
+    return lines
+
+
 def _label_table(title: str, models: dict[str, Any], key: str) -> list[str]:
     """A markdown section: one row per label (the nine exam labels, then the image level), one column per model."""
     lines = [f"## {title}", "", "| label | " + " | ".join(r["title"] for r in models.values()) + " |",
@@ -167,6 +209,7 @@ def write_report(path: Path, metrics: dict[str, Any]) -> Path:
     ]
     lines += _bootstrap_section(metrics)
     lines += _reading_section(metrics)
+    lines += _kind_section(metrics)
     lines += _label_table("AUC per label", models, "auc")
     lines += ["", "n/a: the label has only one class among these studies.", ""]
     lines += _label_table("Accuracy per label (threshold 0.5)", models, "accuracy")

@@ -106,6 +106,10 @@ def test_pipeline_trains_evaluates_and_exports_a_checkpoint_pe_node_serves(works
     assert "## The full model against the baselines" in report and "## What pe-node would report" in report
     readings = metrics["models"]["full"]["node_reading"]["readings"]
     assert sum(sum(kind.values()) for kind in readings.values()) == 5
+    kinds = metrics["models"]["full"]["by_kind"]
+    assert sum(kind["studies"] for kind in kinds.values()) == readings["positive"]["present"] + \
+        readings["positive"]["absent"] + readings["positive"]["undetermined"]
+    assert "## By kind of positive study" in report
 
     _run("export", "--stage1", str(root / "stage1/best.pt"), "--stage2", str(root / "attention/best.pt"), "--out",
          str(root / "pe-test.pt"), "--evaluation", str(root / "report/metrics.json"))

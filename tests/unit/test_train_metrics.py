@@ -19,6 +19,7 @@ from training.evaluate import (
     Predictions,
     _consistent,
     bootstrap,
+    by_kind,
     node_reading,
 )
 from training.metrics import (
@@ -258,3 +259,54 @@ def test_node_reading_is_what_pe_nodes_report_would_say_of_each_study() -> None:
     assert reading["sensitivity"] == pytest.approx(0.5) and reading["specificity"] == pytest.approx(1 / 3)
     positive = [s.exam_class == "positive" for s in studies]
     assert reading["reported_pe_auc"] == pytest.approx(auc(positive, predictions.reported))
+
+
+def _positive(number: int, kind: str) -> CachedStudy:
+    study = _study(number, True)
+    study.labels["chronic_pe"] = int(kind == "chronic")
+    study.labels["acute_and_chronic_pe"] = int(kind == "acute_and_chronic")
+    return study
+
+
+def test_by_kind_scores_each_kind_of_positive_study_against_the_studies_without_pe(tmp_path) -> None:
+    rng = np.random.default_rng(1)
+    kinds = ["acute"] * 12 + ["chronic"] * 5 + ["acute_and_chronic"] * 3
+    studies = [_positive(i, kind) for i, kind in enumerate(kinds)] + [_study(100 + i, False) for i in range(30)]
+    # acute and mixed studies score above every study without PE, chronic ones among them
+    pe = np.r_[rng.uniform(0.8, 0.95, 12), rng.uniform(0.05, 0.6, 5), rng.uniform(0.8, 0.95, 3),
+               rng.uniform(0.05, 0.6, 30)]
+    predictions = _predictions(pe, studies)
+    result = by_kind(predictions, studies)
+    assert list(result) == ["acute", "chronic", "acute_and_chronic"]
+    assert [result[kind]["studies"] for kind in result] == [12, 5, 3]
+    assert result["acute"]["study_pe_auc"] == 1.0 and result["acute_and_chronic"]["study_pe_auc"] == 1.0
+    chronic = np.r_[np.ones(5), np.zeros(30)]
+    assert result["chronic"]["study_pe_auc"] == pytest.approx(auc(chronic, np.r_[pe[12:17], pe[20:]]))
+    assert result["chronic"]["study_pe_auc"] < 0.9
+    positive = [s.exam_class == "positive" for s in studies]
+    weighted = sum(r["studies"] * r["study_pe_auc"] for r in result.values()) / 20
+    assert weighted == pytest.approx(auc(positive, predictions.pe))  # the kinds add up to the whole
+    assert result["acute"]["read_present"] == 12
+    assert result["chronic"]["read_present"] == int((pe[12:17] > 0.5).sum())
+    # the image AUC of a kind: its PE slices (two per study here) against every slice of the studies without PE
+    slices = np.r_[np.repeat(pe[12:17], 2), np.repeat(pe[20:], 6)]
+    assert result["chronic"]["image_auc"] == pytest.approx(auc(np.r_[np.ones(10), np.zeros(180)], slices))
+    assert by_kind(_predictions(pe[20:], studies[20:]), studies[20:]) == {}  # no positive study, no kind
+
+    metrics = {
+        "split": "test", "studies": 50, "figures": [],
+        "data": {"source": "phantoms", "phantoms": False, "splits": {"test": {}}},
+        "constant_baseline": {"rsna_log_loss": 0.37},
+        "models": {FULL: {"title": TITLES[FULL], "study_pe_auc": auc(positive, predictions.pe), "rsna_log_loss": 0.2,
+                          "study_pe_accuracy": 0.8, "mean_label_accuracy": 0.8,
+                          "accuracy": {label: 0.8 for label in (*EXAM_LABELS, IMAGE_LABEL)},
+                          "auc": {label: None for label in (*EXAM_LABELS, IMAGE_LABEL)},
+                          "consistency": {"studies_breaking_rules_before": 0, "studies_breaking_rules_after": 0,
+                                          "studies": 50},
+                          "node_reading": node_reading(predictions, studies), "by_kind": result}},
+    }
+    report = write_report(tmp_path / "report.md", metrics).read_text()
+    assert "## By kind of positive study" in report
+    assert f"| chronic PE only (5) | {result['chronic']['study_pe_auc']:.3f} |" in report
+    assert f"| chronic PE only (5) | {result['chronic']['read_present']} of 5 |" in report
+    assert f"| acute PE only (12) | {result['acute']['image_auc']:.3f} |" in report
