@@ -6,6 +6,7 @@ phantoms say that the pipeline works, not how the model would do on patients.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,7 @@ def _kind_section(metrics: dict[str, Any]) -> list[str]:
     header = "| positive studies | " + " | ".join(r["title"] for r in models.values()) + " |"
     rule = "|---|" + "---|" * len(models)
 
-    def row(kind: str, cell: Any) -> str:
+    def row(kind: str, cell: Callable[[dict[str, Any]], str]) -> str:
         counts = {r["by_kind"][kind]["studies"] for r in models.values() if kind in r["by_kind"]}
         return (f"| {KIND_TITLES[kind]} ({counts.pop()}) | "
                 + " | ".join(cell(r["by_kind"][kind]) if kind in r["by_kind"] else "n/a" for r in models.values())
