@@ -126,8 +126,8 @@ def _kind_section(metrics: dict[str, Any]) -> list[str]:
     rule = "|---|" + "---|" * len(models)
 
     def row(kind: str, cell: Callable[[dict[str, Any]], str]) -> str:
-        counts = {r["by_kind"][kind]["studies"] for r in models.values() if kind in r["by_kind"]}
-        return (f"| {KIND_TITLES[kind]} ({counts.pop()}) | "
+        count = next(r["by_kind"][kind]["studies"] for r in models.values() if kind in r["by_kind"])
+        return (f"| {KIND_TITLES[kind]} ({count}) | "
                 + " | ".join(cell(r["by_kind"][kind]) if kind in r["by_kind"] else "n/a" for r in models.values())
                 + " |")
 
