@@ -152,6 +152,11 @@ class Stage1Config(OptimConfig):
     ``chronic_repeats`` draws the positive slices of studies labelled chronic (``chronic_pe`` or
     ``acute_and_chronic_pe``, which RSPECT gives per study) that many times an epoch: chronic emboli are few and look
     unlike acute ones (thin, eccentric, against the wall), and a stage 1 that sees them rarely misses them.
+    ``hard_negatives`` adds, from every training study without a positive slice, that many of its slices that the
+    weights the epoch starts from score highest (mined before each epoch over every ``hard_negatives_stride``-th
+    slice, from a start that moves each epoch): the false alarms that a study-level maximum meets in studies without
+    emboli, shown again until they stop being false alarms. Studies with emboli give none, since the slices beside a
+    labelled one can show the thin ends of its embolus.
     ``init`` starts the encoder from a trained stage 1 instead of ``model.pretrained``: a stage-1 ``best.pt`` or a
     pe-node checkpoint (``models/pe-demo.pt``), of the same model and preprocessing. The run then validates those
     weights first (epoch 0 of its history), so ``best.pt`` is the starting point unless fine-tuning beats it.
@@ -171,6 +176,9 @@ class Stage1Config(OptimConfig):
     loader_workers: int = Field(0, ge=0, le=64)
     chronic_repeats: int = Field(1, ge=1, le=100,
                                  description="draws an epoch of each positive slice of a chronic-labelled study")
+    hard_negatives: int = Field(0, ge=0, le=1000, description="slices of each study without emboli an epoch that "
+                                "the epoch's starting weights score highest")
+    hard_negatives_stride: int = Field(1, ge=1, le=32, description="hard negatives: score every n-th slice")
     init: str | None = Field(None, description="fine-tune: a stage-1 best.pt or a pe-node checkpoint to start from")
     select: Literal["val_loss", "val_image_auc", "val_study_auc"] = Field(
         "val_loss", description="best.pt: the epoch of lowest validation loss (the paper) or of highest AUC")

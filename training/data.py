@@ -10,8 +10,11 @@ draws the negatives from the positions where the training set's positives lie (`
 heart that comes with emboli, say) says nothing about its label, and only what shows on it does.
 ``background_negatives`` adds a few negatives drawn uniformly from every study, those without emboli too, so that
 the rest of the scan (where a study-level maximum finds its false positives) is not unseen. ``chronic_repeats``
-takes the positive slices of chronic-labelled studies that many times (each draw augmented on its own). The plan of an
-epoch depends only on (seed, epoch), so a resumed run and a run on several processes see the same batches.
+takes the positive slices of chronic-labelled studies that many times (each draw augmented on its own).
+``hard_negatives`` adds the slices of studies without emboli that the current weights score highest, mined by stage 1
+before the epoch (``training.stage1.mine_hard_negatives``) and passed in as ``hard``. The plan of an epoch depends
+only on (seed, epoch) and those mined slices, which the weights the epoch starts from fix, so a resumed run and a run
+on several processes see the same batches.
 
 Stage 2 reads whole studies: embeddings [T, D] of different lengths, padded at the end into [B, T, D] with a mask
 that is True on real slices, the layout ``pe_node.model.SequenceModel`` and ``rsna_loss`` take.
@@ -20,7 +23,7 @@ that is True on real slices, the layout ``pe_node.model.SequenceModel`` and ``rs
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,11 +52,14 @@ class SliceBatch:
         return len(self.slices)
 
 
-def epoch_batches(studies: Sequence[CachedStudy], config: Stage1Config, seed: int, epoch: int) -> list[SliceBatch]:
-    """The stage-1 batches of ``epoch`` over ``studies``, in training order."""
+def epoch_batches(studies: Sequence[CachedStudy], config: Stage1Config, seed: int, epoch: int,
+                  hard: Mapping[int, np.ndarray] | None = None) -> list[SliceBatch]:
+    """The stage-1 batches of ``epoch`` over ``studies``, in training order. ``hard``: for some studies (by position
+    in ``studies``), negative slices hardest first, of which each study's draw adds ``config.hard_negatives``."""
     rng = np.random.default_rng([seed, _EPOCH_STREAM, epoch])
     profile = position_profile(studies) if config.negatives in ("matched", "within") else None
-    draws = [_draw(study, config, rng, profile) for study in studies]
+    hard = hard or {}
+    draws = [_draw(study, config, rng, profile, hard.get(position)) for position, study in enumerate(studies)]
     if config.sampling == "study":
         batches = []
         for position, chosen in enumerate(draws):
@@ -90,11 +96,12 @@ def _bin(indices: np.ndarray, slices: int, bins: int) -> np.ndarray:
 
 
 def _draw(study: CachedStudy, config: Stage1Config, rng: np.random.Generator,
-          profile: np.ndarray | None) -> np.ndarray:
+          profile: np.ndarray | None, hard: np.ndarray | None = None) -> np.ndarray:
     """The slices of one study for one epoch: its positives (all, or a random few; ``chronic_repeats`` times each in
     a chronic-labelled study) and random negatives, drawn uniformly or, with a position ``profile``, where positives
     usually lie; none of a study without positives when negatives are drawn ``within``; then
-    ``background_negatives`` more of the rest, uniformly."""
+    ``background_negatives`` more of the rest, uniformly; then the first ``hard_negatives`` of ``hard`` (negative
+    slices, hardest first) not drawn yet. The random draws do not depend on ``hard``."""
     positives = np.flatnonzero(study.image)
     candidates = np.flatnonzero(study.image == 0)
     negatives = candidates if config.negatives != "within" or len(positives) else candidates[:0]
@@ -110,6 +117,9 @@ def _draw(study: CachedStudy, config: Stage1Config, rng: np.random.Generator,
         rest = np.setdiff1d(candidates, negatives)
         extra = rng.choice(rest, min(config.background_negatives, len(rest)), replace=False)
         negatives = np.concatenate([negatives, extra])
+    if config.hard_negatives and hard is not None:
+        hard = hard[(study.image[hard] == 0) & ~np.isin(hard, negatives)]
+        negatives = np.concatenate([negatives, hard[: config.hard_negatives]])
     if config.chronic_repeats > 1 and (study.labels["chronic_pe"] or study.labels["acute_and_chronic_pe"]):
         positives = np.repeat(positives, config.chronic_repeats)
     return np.sort(np.concatenate([positives, negatives])).astype(np.int64)

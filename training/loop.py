@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 TrainEpoch = Callable[[int], tuple[float, dict[str, Any]]]
 """Trains one epoch (1-based); returns its mean training loss over all processes and values for the run's metrics
-(such as the batches each process trained)."""
+(such as the batches each process trained); those under ``"epoch"`` go into the epoch's history record instead."""
 Validate = Callable[[], dict[str, float | None]]
 """Returns ``val_loss`` and any other validation numbers, the same on every process."""
 
@@ -162,10 +162,12 @@ def fit(
         started = time.monotonic()
         lr = optimization.start_epoch(epoch)
         train_loss, extra = train_epoch(epoch)
+        extra = dict(extra)
+        of_epoch = extra.pop("epoch", {})
         state.extra.update(extra)
         validation = validate()
         val_loss = _check_finite(state.stage, epoch, validation.get("val_loss"))
-        record = {"epoch": epoch, "lr": lr, "train_loss": float(train_loss), **_numbers(validation),
+        record = {"epoch": epoch, "lr": lr, "train_loss": float(train_loss), **_numbers(validation), **of_epoch,
                   "seconds": round(time.monotonic() - started, 1)}
         best = _best_record(state)
         state.history.append(record)

@@ -12,6 +12,8 @@ and those weights are validated first, as epoch 0.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +97,15 @@ def train_stage1(
                **({"backbone_weights": weights} if weights else {}), **({"init": start} if start else {})},
     )
 
-    def train_epoch(epoch: int) -> tuple[float, dict[str, list[int]]]:
+    def train_epoch(epoch: int) -> tuple[float, dict[str, Any]]:
+        hard, mined = None, {}
+        if config.stage1.hard_negatives:
+            hard, mined = mine_hard_negatives(encoder, cache, train, config.stage1, epoch, processes, optimization)
+            logger.info("stage1 epoch %d: mined %d slices of %d studies without emboli in %.0f s; their highest "
+                        "probability, median over studies %.3f", epoch, mined["mined_slices"], mined["mined_studies"],
+                        mined["mining_seconds"], mined["hard_negative_median_max"])
         network.train()
-        batches = shard(epoch_batches(train, config.stage1, config.seed, epoch), processes)
+        batches = shard(epoch_batches(train, config.stage1, config.seed, epoch, hard), processes)
         loader = DataLoader(SliceBatches(cache, train, batches), batch_size=None, shuffle=False,
                             num_workers=config.stage1.loader_workers, pin_memory=device.type == "cuda")
         total = count = 0.0
@@ -112,7 +120,7 @@ def train_stage1(
         per_process = processes.gather(len(batches))
         logger.info("stage1 epoch %d: rank %d trained %d batches of up to %d slices, one of %d processes", epoch,
                     processes.rank, len(batches), config.stage1.batch_size, processes.world_size)
-        return total / max(count, 1.0), {"batches_per_process": per_process}
+        return total / max(count, 1.0), {"batches_per_process": per_process, **({"epoch": mined} if mined else {})}
 
     def validate() -> dict[str, float | None]:
         return validate_encoder(encoder, cache, shard(val, processes, equal=False), processes, optimization,
@@ -120,6 +128,46 @@ def train_stage1(
 
     return fit(run, state, encoder, optimization, train_epoch, validate, config, processes, resume,
                validate_first=start is not None)
+
+
+def mine_hard_negatives(encoder: SliceEncoder, cache: Cache, studies: Sequence[CachedStudy], stage1: Stage1Config,
+                        epoch: int, processes: Processes,
+                        optimization: Optimization) -> tuple[dict[int, np.ndarray], dict[str, float]]:
+    """The hard negatives of an epoch (``stage1.hard_negatives``): every ``hard_negatives_stride``-th slice of each
+    study without a positive slice, from an offset that moves with the epoch, scored by ``encoder`` as it is; for
+    each such study (by position in ``studies``) the scored slices hardest first, at most ``hard_negatives`` of
+    them. Each process scores its share; all get every study's. Also returns what was mined, for the history: the
+    slices and studies scored, the seconds it took, and the median over studies of their highest probability (the
+    false-alarm level a study-level maximum meets)."""
+    began = time.monotonic()
+    encoder.eval()
+    stride = stage1.hard_negatives_stride
+    candidates = [position for position, study in enumerate(studies) if not study.image.any()]
+    found: dict[int, tuple[np.ndarray, float]] = {}
+    scored = 0
+    with torch.no_grad():
+        for position in shard(candidates, processes, equal=False):
+            study = studies[position]
+            chosen = np.arange(epoch % stride if stride < study.slices else 0, study.slices, stride)
+            probabilities = []
+            for start in range(0, len(chosen), _VAL_STEP):
+                inputs = cache.inputs(study, chosen[start : start + _VAL_STEP]).to(processes.device)
+                with optimization.autocast():
+                    output = encoder(inputs.contiguous(memory_format=torch.channels_last))
+                probabilities.append(torch.sigmoid(output.image.float()).cpu().numpy())
+            scores = np.concatenate(probabilities)
+            order = np.argsort(-scores, kind="stable")[: stage1.hard_negatives]
+            found[position] = (chosen[order], float(scores.max()))
+            scored += len(chosen)
+    merged = {position: item for part in processes.gather(found) for position, item in part.items()}
+    (scored,) = processes.sum([scored])
+    highest = [top for _, top in merged.values()]
+    return {position: slices for position, (slices, _) in merged.items()}, {
+        "mined_studies": len(merged),
+        "mined_slices": int(scored),
+        "mining_seconds": round(time.monotonic() - began, 1),
+        "hard_negative_median_max": float(np.median(highest)) if highest else 0.0,
+    }
 
 
 def train_step(network: torch.nn.Module, optimization: Optimization, images: torch.Tensor, image_labels: torch.Tensor,

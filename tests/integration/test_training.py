@@ -17,13 +17,18 @@ import pytest
 import torch
 import yaml
 
-from pe_node.model import Predictor, check, cpu_has_fast_bf16, load_checkpoint
+from pe_node.model import Predictor, check, cpu_has_fast_bf16, create_model, load_checkpoint
 from pe_node.model.checkpoint import file_sha256
 from pe_node.pipeline.series import load_series
+from training.cache import Cache
 from training.cli import main
+from training.config import Stage1Config
+from training.distributed import Processes
 from training.export import stage1_record
 from training.features import FeatureSet
+from training.loop import Optimization
 from training.rspect import read_rspect
+from training.stage1 import mine_hard_negatives
 from training.state import StateError, load_state
 
 CONFIG = {
@@ -206,16 +211,51 @@ def test_stage2_trains_again_behind_the_stage1_of_an_exported_checkpoint(workspa
     assert stage2["data"]["splits"]["train"]["studies"] == len(features.split("train"))
 
 
+def test_hard_negatives_are_the_slices_of_studies_without_emboli_that_stage1_scores_highest(workspace: Path) -> None:
+    trained = load_state(workspace / "stage1/best.pt", "stage1")
+    model = create_model(trained.model_name, **trained.model_config)
+    model.encoder.load_state_dict(trained.weights)
+    cache = Cache.open(workspace / "cache")
+    train = cache.split("train")
+    stage1 = Stage1Config(hard_negatives=3, hard_negatives_stride=2)
+    device = torch.device("cpu")
+    processes = Processes(0, 1, 0, device)
+    hard, mined = mine_hard_negatives(model.encoder, cache, train, stage1, 1, processes,
+                                      Optimization(model.encoder.parameters(), stage1, device))
+    without = [position for position, study in enumerate(train) if not study.image.any()]
+    assert sorted(hard) == without and len(without) < len(train), "studies with emboli give none"
+    assert mined["mined_studies"] == len(without)
+    highest = []
+    for position in without:
+        study = train[position]
+        with torch.no_grad():
+            probabilities = torch.sigmoid(model.encoder(cache.inputs(study)).image).numpy()
+        scored = np.arange(1, study.slices, 2)
+        assert set(hard[position].tolist()) <= set(scored.tolist()) and len(hard[position]) == 3
+        top = np.sort(probabilities[scored])[::-1][:3]
+        assert probabilities[hard[position]] == pytest.approx(top, abs=1e-5), "hardest first"
+        highest.append(top[0])
+    assert mined["hard_negative_median_max"] == pytest.approx(float(np.median(highest)), abs=1e-5)
+    again, _ = mine_hard_negatives(model.encoder, cache, train, stage1, 2, processes,
+                                   Optimization(model.encoder.parameters(), stage1, device))
+    assert all(set(again[position].tolist()) <= set(range(0, train[position].slices, 2)) for position in without)
+
+
 def test_stage1_fine_tunes_a_trained_stage1_and_validates_its_weights_first(workspace: Path, tmp_path: Path,
                                                                              capsys: pytest.CaptureFixture) -> None:
     config, root = str(workspace / "train.yaml"), workspace
     trained = load_state(root / "stage1/best.pt", "stage1")
     _run("stage1", "--config", config, "--cache", str(root / "cache"), "--out", str(tmp_path / "fine"),
          "--init", str(root / "stage1/best.pt"), "--epochs", "1", "--lr", "0.0003",
-         "--set", "stage1.chronic_repeats=2")
+         "--set", "stage1.chronic_repeats=2", "--set", "stage1.hard_negatives=2",
+         "--set", "stage1.hard_negatives_stride=2")
     fine = load_state(tmp_path / "fine/last.pt", "stage1")
     start, after = fine.history
     assert (start["epoch"], start["train_loss"], after["epoch"]) == (0, None, 1)
+    without = [study for study in Cache.open(root / "cache").split("train") if not study.image.any()]
+    assert after["mined_studies"] == len(without) > 0, "hard negatives mined before the epoch"
+    assert after["mined_slices"] == sum(len(range(1, study.slices, 2)) for study in without)
+    assert 0.0 < after["hard_negative_median_max"] < 1.0 and "mined_studies" not in start
     best_before = next(h for h in trained.history if h["epoch"] == trained.best_epoch)
     assert start["val_loss"] == pytest.approx(best_before["val_loss"], rel=1e-4), "epoch 0 is the starting weights"
     kept = load_state(tmp_path / "fine/best.pt", "stage1")

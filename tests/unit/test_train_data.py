@@ -172,3 +172,25 @@ def test_chronic_repeats_draw_the_positives_of_chronic_studies_that_many_times()
             assert repeated.count((position, int(k))) == times and plain.count((position, int(k))) == 1
     negatives = [(s, k) for s, k in repeated if not studies[s].image[k]]
     assert sorted(negatives) == sorted((s, k) for s, k in plain if not studies[s].image[k]), "negatives as before"
+
+
+def test_hard_negatives_add_the_first_mined_slices_not_drawn_yet_and_leave_the_random_draw_alone() -> None:
+    studies = [_study("n0", []), _study("n1", []), _study("p", list(range(16, 24)))]
+    config = Stage1Config(batch_size=8, negatives_per_study=4, negatives="within", background_negatives=3,
+                          sampling="mixed", hard_negatives=2)
+    plain = _drawn(epoch_batches(studies, config, seed=0, epoch=1))
+    drawn = [sorted(k for s, k in plain if s == position) for position in range(3)]
+    hard = {0: np.array([drawn[0][0], 33, 7, 12]), 1: np.array([5, 6, 30])}
+    mined = _drawn(epoch_batches(studies, config, seed=0, epoch=1, hard=hard))
+    assert 33 not in drawn[0] and 7 not in drawn[0]
+    assert sorted(k for s, k in mined if s == 0) == sorted([*drawn[0], 33, 7]), "the drawn one skipped, the next two"
+    added = [k for k in (5, 6, 30) if k not in drawn[1]][:2]
+    assert sorted(k for s, k in mined if s == 1) == sorted([*drawn[1], *added])
+    assert sorted(k for s, k in mined if s == 2) == drawn[2], "a study given no hard negatives draws as before"
+    assert set(plain) <= set(mined), "the random draw does not change"
+    labelled = _drawn(epoch_batches(studies, config, seed=0, epoch=1, hard={2: np.array([17, 3, 4, 5])}))
+    extra = sorted(k for s, k in labelled if s == 2 and k not in drawn[2])
+    assert labelled.count((2, 17)) == 1
+    assert extra == sorted([k for k in (3, 4, 5) if k not in drawn[2]][:2]), "a positive slice is no hard negative"
+    none = Stage1Config(**{**config.model_dump(), "hard_negatives": 0})
+    assert _drawn(epoch_batches(studies, none, seed=0, epoch=1, hard=hard)) == plain
