@@ -18,12 +18,12 @@
 # CPU cores (about 100 minutes from nothing, weaker weights). A CUDA GPU is used when present (device: auto). The
 # same commands train on the real RSNA-STR data set: point `prepare --data` at it instead of the phantoms and raise
 # the sizes in the config.
-# The stage 1 shipped now is that GPU stage 1 fine-tuned three times on two CPU cores; from the file shipped before
-# (commit f630e6b), the last fine-tuning and all after it are
-#   git show f630e6b:models/pe-demo.pt > pe-demo-before.pt
-#   CONFIG=training/configs/finetune-cpu.yaml INIT=pe-demo-before.pt STUDIES=1000 STAGE1_SEED=7 \
-#   STAGE1_OPTIONS="--set stage1.max_minutes=null" training/demo.sh runs/finetune3
-# (about 95 minutes on the two bf16 cores that ran it; models/README.md has the earlier fine-tunings' commands).
+# The stage 1 shipped now is that GPU stage 1 fine-tuned four times on two CPU cores; from the file shipped before
+# (commit e2733c9), the last fine-tuning and all after it are
+#   git show e2733c9:models/pe-demo.pt > pe-demo-before.pt
+#   CONFIG=training/configs/finetune-cpu.yaml INIT=pe-demo-before.pt STUDIES=1000 STAGE1_SEED=9 \
+#   STAGE1_OPTIONS="--set stage1.epochs=6 --set stage1.max_minutes=null" training/demo.sh runs/finetune4
+# (about 110 minutes on the two bf16 cores that ran it; models/README.md has the earlier fine-tunings' commands).
 set -euo pipefail
 
 WORK=${1:-runs/demo}

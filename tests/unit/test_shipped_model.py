@@ -66,24 +66,27 @@ def _stage1_chain(provenance: dict) -> list[dict]:
 
 
 def test_the_training_configs_are_those_each_stage_of_the_weights_was_trained_with() -> None:
-    # Stage 1 was trained on a GPU with demo-gpu.yaml, then fine-tuned three times with finetune-cpu.yaml (the first
-    # two with 35 minutes, the first selecting on validation study AUC, as the file then said), and stage 2 trained
-    # behind it with finetune-cpu.yaml.
+    # Stage 1 was trained on a GPU with demo-gpu.yaml, then fine-tuned four times with finetune-cpu.yaml (the first
+    # three without hard negatives, the third with 45 minutes, the first two with 35, the first selecting on
+    # validation study AUC, as the file then said), and stage 2 trained behind it with finetune-cpu.yaml.
     provenance = load_checkpoint(CHECKPOINT).meta.provenance
     configs = REPO / "training" / "configs"
     fine = load_train_config(configs / "finetune-cpu.yaml").model_dump(mode="json")
     gpu = load_train_config(configs / "demo-gpu.yaml").model_dump(mode="json")
-    second = {**fine, "stage1": {**fine["stage1"], "max_minutes": 35.0}}
+    third = {**fine, "stage1": {**fine["stage1"], "max_minutes": 45.0, "hard_negatives": 0,
+                                "hard_negatives_stride": 1}}
+    second = {**fine, "stage1": {**third["stage1"], "max_minutes": 35.0}}
     first = {**fine, "stage1": {**second["stage1"], "select": "val_study_auc"}}
     defaults = TrainConfig().model_dump(mode="json")
     chain = _stage1_chain(provenance)
     for fine_tuned in chain[:-1]:
         # The config keeps the path as given, the init record the file it resolved to.
         assert fine_tuned["init"]["path"].endswith(fine_tuned["config"]["stage1"]["init"])
-    assert len(chain) == 4, "stage 1: the GPU run and three fine-tunings"
+    assert len(chain) == 5, "stage 1: the GPU run and four fine-tunings"
     both = ("stage1", "model", "preprocess")
-    for recorded, config, sections in ((chain[0]["config"], fine, both), (chain[1]["config"], second, both),
-                                       (chain[2]["config"], first, both), (chain[3]["config"], gpu, both),
+    for recorded, config, sections in ((chain[0]["config"], fine, both), (chain[1]["config"], third, both),
+                                       (chain[2]["config"], second, both), (chain[3]["config"], first, both),
+                                       (chain[4]["config"], gpu, both),
                                        (provenance["stage2"]["config"], fine, ("stage2", "model"))):
         for section in sections:
             # A key added to the config since a stage was trained is at its default in that stage's file.
