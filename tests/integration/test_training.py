@@ -156,11 +156,13 @@ def test_resumed_stage2_ends_exactly_where_an_uninterrupted_run_ends(workspace: 
 
 def test_stage1_trains_on_two_processes_under_torchrun_and_only_rank_0_writes(workspace: Path,
                                                                             tmp_path: Path) -> None:
+    # With hard negatives, which each process mines for its share of the studies and then gathers.
     run, logs = tmp_path / "ddp", tmp_path / "logs"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir", str(logs),
         "--redirects", "3", "-m", "training.cli", "stage1", "--quiet", "--config", str(workspace / "train.yaml"),
         "--cache", str(workspace / "cache"), "--out", str(run), "--epochs", "1", "--device", "cpu", "--threads", "1",
+        "--set", "stage1.hard_negatives=2",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -170,6 +172,10 @@ def test_stage1_trains_on_two_processes_under_torchrun_and_only_rank_0_writes(wo
     assert metrics["inputs"]["world_size"] == 2
     batches = metrics["batches_per_process"]
     assert len(batches) == 2 and batches[0] == batches[1] > 0
+    without = [study for study in Cache.open(workspace / "cache").split("train") if not study.image.any()]
+    epoch = load_state(run / "last.pt", "stage1").history[-1]
+    assert epoch["mined_studies"] == len(without) > 1, "each process mines its share, both get every study's"
+    assert epoch["mined_slices"] == sum(study.slices for study in without)
     stderr = {path.parent.name: path.read_text() for path in logs.rglob("stderr.log")}
     assert set(stderr) == {"0", "1"}
     for rank, text in stderr.items():
