@@ -149,13 +149,8 @@ def mine_hard_negatives(encoder: SliceEncoder, cache: Cache, studies: Sequence[C
         for position in shard(candidates, processes, equal=False):
             study = studies[position]
             chosen = np.arange(epoch % stride if stride < study.slices else 0, study.slices, stride)
-            probabilities = []
-            for start in range(0, len(chosen), _VAL_STEP):
-                inputs = cache.inputs(study, chosen[start : start + _VAL_STEP]).to(processes.device)
-                with optimization.autocast():
-                    output = encoder(inputs.contiguous(memory_format=torch.channels_last))
-                probabilities.append(torch.sigmoid(output.image.float()).cpu().numpy())
-            scores = np.concatenate(probabilities)
+            scores = torch.sigmoid(slice_logits(encoder, cache, study, chosen, processes.device, optimization)[0])
+            scores = scores.cpu().numpy()
             order = np.argsort(-scores, kind="stable")[: stage1.hard_negatives]
             found[position] = (chosen[order], float(scores.max()))
             scored += len(chosen)
@@ -228,6 +223,20 @@ def validation_slices(study: CachedStudy, negatives: int | None) -> np.ndarray:
     return np.sort(np.concatenate([np.flatnonzero(study.image), others]))
 
 
+def slice_logits(encoder: SliceEncoder, cache: Cache, study: CachedStudy, chosen: np.ndarray, device: torch.device,
+                 optimization: Optimization) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's image logits [k] and exam logits [k, 9], float32 on ``device``, for slices ``chosen`` of a
+    cached study, read and run ``_VAL_STEP`` at a time under the optimization's autocast (call under no_grad)."""
+    image, exam = [], []
+    for start in range(0, len(chosen), _VAL_STEP):
+        inputs = cache.inputs(study, chosen[start : start + _VAL_STEP]).to(device)
+        with optimization.autocast():
+            output = encoder(inputs.contiguous(memory_format=torch.channels_last))
+        image.append(output.image.float())
+        exam.append(output.exam.float())
+    return torch.cat(image), torch.cat(exam)
+
+
 def validate_encoder(encoder: SliceEncoder, cache: Cache, studies: list[CachedStudy], processes: Processes,
                      optimization: Optimization, image_weight: float,
                      negatives: int | None = None) -> dict[str, float | None]:
@@ -240,14 +249,7 @@ def validate_encoder(encoder: SliceEncoder, cache: Cache, studies: list[CachedSt
     with torch.no_grad():
         for study in studies:
             chosen = validation_slices(study, negatives)
-            image_logits, exam_logits = [], []
-            for start in range(0, len(chosen), _VAL_STEP):
-                inputs = cache.inputs(study, chosen[start : start + _VAL_STEP]).to(device)
-                with optimization.autocast():
-                    output = encoder(inputs.contiguous(memory_format=torch.channels_last))
-                image_logits.append(output.image.float())
-                exam_logits.append(output.exam.float())
-            image, exam = torch.cat(image_logits), torch.cat(exam_logits)
+            image, exam = slice_logits(encoder, cache, study, chosen, device, optimization)
             labels = study.image[chosen]
             targets = torch.from_numpy(labels.astype(np.float32)).to(device)
             exam_targets = torch.from_numpy(study.exam).to(device).expand_as(exam)
