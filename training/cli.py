@@ -4,6 +4,8 @@
     pe-train prepare  --data DIR --cache DIR [--split-all test] [--size PX] [--crop body|none]
     pe-train stage1   --cache DIR --out RUN [--resume] [--epochs N] [--batch-size N] [--lr X] [--pretrained ...]
                       [--init CKPT]  (fine-tune a trained stage 1: a best.pt or a pe-node checkpoint)
+    pe-train average  --out RUN/best.pt CKPT CKPT ... [--cache DIR [--split val]]
+                      (the mean of several stage 1s of one lineage, validated side by side on a cache)
     pe-train features --stage1 RUN/best.pt --cache DIR --out DIR
     pe-train stage2   --features DIR --out RUN [--pooling attention|mean] [--resume] [--epochs N] ...
     pe-train evaluate --features DIR --stage1 CKPT --stage2 CKPT [--baseline CKPT] --out DIR
@@ -29,6 +31,7 @@ import torch
 
 from pe_node.model import resolve_device
 from training import phantoms
+from training.average import average_stage1, validation_table
 from training.cache import Cache, prepare
 from training.config import SPLITS, TrainConfig, TrainConfigError, load_train_config, parse_override
 from training.distributed import start, stop
@@ -86,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     stage1.add_argument("--pretrained", help="config model.pretrained: false, true (timm hub) or a weights file")
     stage1.add_argument("--init", help="config stage1.init: fine-tune the stage 1 of a best.pt or pe-node checkpoint")
     _common(stage1)
+
+    average = commands.add_parser("average", help="average the weights of several stage 1s of one lineage")
+    average.add_argument("checkpoints", type=Path, nargs="+", metavar="CKPT",
+                         help="stage-1 checkpoints (best.pt, last.pt or pe-node checkpoints), two or more")
+    average.add_argument("--out", type=Path, required=True, help="file (or folder for best.pt) to write")
+    average.add_argument("--cache", type=Path,
+                         help="validate each checkpoint and the average on this cache first (studies none trained on)")
+    average.add_argument("--split", choices=SPLITS, default="val", help="the split to validate on (default val)")
+    _common(average, training=False)
 
     features = commands.add_parser("features", help="extract stage-1 embeddings of every cached study")
     features.add_argument("--stage1", type=Path, required=True,
@@ -170,6 +182,17 @@ def _stage(args: argparse.Namespace, config: TrainConfig, command: list[str]) ->
         stop(processes)
 
 
+def _average(args: argparse.Namespace, config: TrainConfig, command: list[str]) -> None:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    cache = Cache.open(args.cache) if args.cache is not None else None
+    state = average_stage1(args.checkpoints, args.out, config, cache, args.split, command, not args.quiet)
+    if "validation" in state.extra:
+        print("\n".join(validation_table(state)))
+    path = args.out / "best.pt" if args.out.suffix != ".pt" else args.out
+    print(f"average of {len(state.extra['average'])} stage-1 checkpoints: {path}")
+
+
 def _evaluate(args: argparse.Namespace, config: TrainConfig, command: list[str]) -> None:
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -201,8 +224,8 @@ def _export(args: argparse.Namespace, config: TrainConfig, command: list[str]) -
 
 
 _HANDLERS: dict[str, Handler] = {
-    "prepare": _prepare, "stage1": _stage, "features": _stage, "stage2": _stage, "evaluate": _evaluate,
-    "export": _export,
+    "prepare": _prepare, "average": _average, "stage1": _stage, "features": _stage, "stage2": _stage,
+    "evaluate": _evaluate, "export": _export,
 }
 
 

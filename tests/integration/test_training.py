@@ -28,8 +28,8 @@ from training.export import stage1_record
 from training.features import FeatureSet
 from training.loop import Optimization
 from training.rspect import read_rspect
-from training.stage1 import mine_hard_negatives
-from training.state import StateError, load_state
+from training.stage1 import mine_hard_negatives, validate_encoder
+from training.state import StateError, load_state, save_state
 
 CONFIG = {
     "seed": 0,
@@ -283,3 +283,76 @@ def test_stage1_fine_tunes_a_trained_stage1_and_validates_its_weights_first(work
     assert main(["stage1", "--quiet", "--config", config, "--cache", str(root / "cache"), "--out",
                  str(tmp_path / "bad"), "--init", str(tmp_path / "notes.pt")]) == 2
     assert f"stage1.init: training checkpoint {tmp_path / 'notes.pt'}" in capsys.readouterr().err
+
+
+def test_average_writes_the_mean_of_stage1s_validated_side_by_side_that_trains_and_exports(
+        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config, root = str(workspace / "train.yaml"), workspace
+    _run("stage1", "--config", config, "--cache", str(root / "cache"), "--out", str(tmp_path / "fine"),
+         "--init", str(root / "stage1/best.pt"), "--epochs", "1", "--lr", "0.001")
+    ingredients = [root / "stage1/best.pt", root / "stage1/last.pt", tmp_path / "fine/last.pt"]
+    states = [load_state(path, "stage1") for path in ingredients]
+    capsys.readouterr()
+    _run("average", "--config", config, "--out", str(tmp_path / "average"), *map(str, ingredients),
+         "--cache", str(root / "heldout"), "--split", "test")
+    printed = capsys.readouterr().out.splitlines()
+    average = load_state(tmp_path / "average/best.pt", "stage1")
+
+    for name, tensor in average.weights.items():
+        if tensor.is_floating_point():
+            mean = sum(state.weights[name].double() for state in states) / len(states)
+            assert torch.allclose(tensor.double(), mean, atol=1e-6), name
+        else:
+            assert torch.equal(tensor, states[0].weights[name]), name
+    assert not all(torch.equal(average.weights[name], states[0].weights[name]) for name in average.weights)
+    assert [record["sha256"] for record in average.extra["average"]] == [file_sha256(p) for p in ingredients]
+    assert all(record["stage1"]["command"][:2] == ["pe-train", "stage1"] for record in average.extra["average"])
+    assert average.extra["average"][2]["stage1"]["init"]["sha256"] == file_sha256(root / "stage1/best.pt")
+
+    # Each ingredient and the average validated on the held-out cache, printed and kept.
+    validation = json.loads((tmp_path / "average/best.validation.json").read_text())
+    assert validation == average.extra["validation"] and validation["split"] == "test"
+    rows = [line for line in printed if "val loss" in line]
+    assert [row.split()[0] for row in rows] == [*(str(p.resolve()) for p in ingredients), "average"]
+    for row, result in zip(rows, [*validation["ingredients"], validation["average"]], strict=True):
+        assert f"val loss {result['val_loss']:.4f}" in row
+    assert average.best_val_loss == validation["average"]["val_loss"]
+    model = create_model(average.model_name, **average.model_config)
+    model.encoder.load_state_dict(average.weights)
+    device = torch.device("cpu")
+    again = validate_encoder(model.encoder.to(memory_format=torch.channels_last), Cache.open(root / "heldout"),
+                             Cache.open(root / "heldout").split("test"), Processes(0, 1, 0, device),
+                             Optimization(model.encoder.parameters(), Stage1Config(), device, cpu_bf16=True),
+                             Stage1Config().image_weight)
+    assert again["val_loss"] == pytest.approx(validation["average"]["val_loss"], rel=1e-5)
+
+    # The average is a stage 1 like any other: features, stage 2 and an export that records what was averaged.
+    _run("features", "--config", config, "--stage1", str(tmp_path / "average/best.pt"), "--cache",
+         str(root / "cache"), "--out", str(tmp_path / "features"))
+    _run("stage2", "--config", config, "--features", str(tmp_path / "features"), "--out", str(tmp_path / "s2"),
+         "--epochs", "1")
+    _run("export", "--stage1", str(tmp_path / "average/best.pt"), "--stage2", str(tmp_path / "s2/best.pt"),
+         "--out", str(tmp_path / "averaged.pt"), "--fp32")
+    exported = load_checkpoint(tmp_path / "averaged.pt")
+    encoder = exported.model.encoder.state_dict()
+    assert all(torch.equal(encoder[name], average.weights[name]) for name in average.weights)
+    record = exported.meta.provenance["stage1"]
+    assert [item["sha256"] for item in record["average"]] == [file_sha256(p) for p in ingredients]
+    assert record["validation"]["average"]["val_loss"] == validation["average"]["val_loss"]
+
+
+def test_average_refuses_a_single_checkpoint_and_stage1s_of_other_preprocessing(
+        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config, best = str(workspace / "train.yaml"), workspace / "stage1/best.pt"
+    capsys.readouterr()
+    assert main(["average", "--config", config, "--out", str(tmp_path / "one"), str(best)]) == 2
+    assert "needs at least two stage-1 checkpoints, got 1" in capsys.readouterr().err
+    other = load_state(best, "stage1")
+    other.preprocess = {**other.preprocess, "size": 64}
+    save_state(tmp_path / "other.pt", other)
+    assert main(["average", "--config", config, "--out", str(tmp_path / "two"), str(best),
+                 str(tmp_path / "other.pt")]) == 2
+    assert "checkpoint 2 has another preprocessing than the first" in capsys.readouterr().err
+    assert main(["average", "--config", config, "--out", str(tmp_path / "three"), str(best),
+                 str(workspace / "features-cache")]) == 1
+    assert not (tmp_path / "one").exists() and not (tmp_path / "two").exists() and not (tmp_path / "three").exists()
