@@ -10,7 +10,9 @@
 # backbone weights; none by default), STAGE1_CHECKPOINT (the stage-1 checkpoint that features, evaluate and export
 # take: best.pt, the default, or last.pt), STAGE1_OPTIONS (more options for `pe-train stage1`, on one line, split at
 # spaces with no quoting, e.g. "--set stage1.epochs=5 --set stage1.max_minutes=null" to train the epochs a time
-# budget gave on another machine; --init goes in INIT), PE_TRAIN (the pe-train command).
+# budget gave on another machine; --init goes in INIT), AVERAGE (stage-1 checkpoints, split at spaces, that
+# `pe-train average` averages with this run's best.pt and last.pt, in that order; features, evaluate and export then
+# take the average, WORK/average/best.pt; none by default), PE_TRAIN (the pe-train command).
 # Stage 2 learns from the embeddings of studies stage 1 never saw (a second phantom set, seed 3): on the embeddings
 # of stage 1's own training studies it learns how stage 1 behaves on studies it was fitted to, not on new ones.
 # The shipped weights started from `CONFIG=training/configs/demo-gpu.yaml WORKERS=16` on one GPU (about nine
@@ -18,12 +20,15 @@
 # CPU cores (about 100 minutes from nothing, weaker weights). A CUDA GPU is used when present (device: auto). The
 # same commands train on the real RSNA-STR data set: point `prepare --data` at it instead of the phantoms and raise
 # the sizes in the config.
-# The stage 1 shipped now is that GPU stage 1 fine-tuned four times on two CPU cores; from the file shipped before
-# (commit e2733c9), the last fine-tuning and all after it are
-#   git show e2733c9:models/pe-demo.pt > pe-demo-before.pt
-#   CONFIG=training/configs/finetune-cpu.yaml INIT=pe-demo-before.pt STUDIES=1000 STAGE1_SEED=9 \
-#   STAGE1_OPTIONS="--set stage1.epochs=6 --set stage1.max_minutes=null" training/demo.sh runs/finetune4
-# (about 110 minutes on the two bf16 cores that ran it; models/README.md has the earlier fine-tunings' commands).
+# The stage 1 shipped now is the mean of five checkpoints of the last three of five fine-tunings of that GPU stage 1
+# on two CPU cores; from the file shipped before (commit fe734df), the last fine-tuning, the mean and all after it are
+#   git show fe734df:models/pe-demo.pt > pe-demo-before.pt
+#   CONFIG=training/configs/finetune-cpu.yaml INIT=pe-demo-before.pt STUDIES=1000 STAGE1_SEED=10 \
+#   STAGE1_OPTIONS="--set stage1.epochs=6 --set stage1.max_minutes=null" \
+#   AVERAGE="runs/finetune3/stage1/best.pt runs/finetune4/stage1/best.pt runs/finetune4/stage1/last.pt" \
+#   training/demo.sh runs/finetune5
+# (about 110 minutes on the two bf16 cores that ran it; the third and fourth fine-tunings' runs come first, and
+# models/README.md has their commands and the earlier ones).
 set -euo pipefail
 
 WORK=${1:-runs/demo}
@@ -37,6 +42,7 @@ TEST_STUDIES=${TEST_STUDIES:-400}
 WORKERS=${WORKERS:-2}
 INIT=${INIT:-}
 read -r -a stage1_options <<<"${STAGE1_OPTIONS:-}"
+read -r -a average <<<"${AVERAGE:-}"
 STAGE1_CHECKPOINT=${STAGE1_CHECKPOINT:-best.pt}
 case $STAGE1_CHECKPOINT in
     best.pt | last.pt) ;;
@@ -51,6 +57,12 @@ if [ -n "$INIT" ] && [ ! -f "$INIT" ]; then
     echo "INIT: no such file: $INIT" >&2
     exit 2
 fi
+for checkpoint in ${average[@]+"${average[@]}"}; do
+    if [ ! -f "$checkpoint" ]; then
+        echo "AVERAGE: no such file: $checkpoint" >&2
+        exit 2
+    fi
+done
 mkdir -p "$WORK"
 TIMES="$WORK/timings.txt"
 : >"$TIMES"
@@ -93,6 +105,11 @@ fi
 step stage1 "$PE_TRAIN" stage1 --config "$CONFIG" --cache "$WORK/cache-train" --out "$WORK/stage1" \
     ${stage1_options[@]+"${stage1_options[@]}"}
 STAGE1="$WORK/stage1/$STAGE1_CHECKPOINT"
+if [ ${#average[@]} -gt 0 ]; then
+    step average "$PE_TRAIN" average --config "$CONFIG" --out "$WORK/average/best.pt" "${average[@]}" \
+        "$WORK/stage1/best.pt" "$WORK/stage1/last.pt"
+    STAGE1="$WORK/average/best.pt"
+fi
 step features-stage2 "$PE_TRAIN" features --config "$CONFIG" --stage1 "$STAGE1" \
     --cache "$WORK/cache-stage2" --out "$WORK/features-stage2"
 step features-test "$PE_TRAIN" features --config "$CONFIG" --stage1 "$STAGE1" \

@@ -1,4 +1,5 @@
-"""training/demo.sh: the steps it runs, and what INIT, STAGE1_SEED, STAGE1_CHECKPOINT and STAGE1_OPTIONS change.
+"""training/demo.sh: the steps it runs, and what INIT, STAGE1_SEED, STAGE1_CHECKPOINT, STAGE1_OPTIONS and AVERAGE
+change.
 
 ``PE_TRAIN`` points the script at a command that writes down the arguments of each call instead of training, so the
 test reads the recipe the script runs; the steps themselves are tested with the real pe-train in
@@ -18,7 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "training" / "demo.sh"
 SETTINGS = {"CONFIG", "OUT", "PE_TRAIN", "STUDIES", "STAGE1_SEED", "STAGE2_STUDIES", "TEST_STUDIES", "WORKERS", "INIT",
-            "STAGE1_CHECKPOINT", "STAGE1_OPTIONS"}
+            "STAGE1_CHECKPOINT", "STAGE1_OPTIONS", "AVERAGE"}
 """What demo.sh reads from its environment: none may leak in from the one the tests run in."""
 
 
@@ -91,10 +92,30 @@ def test_init_fine_tunes_a_trained_stage_1_on_phantoms_of_the_seed_asked_and_use
     assert all(_value(call, "--stage1") == last for call in downstream)
 
 
+def test_average_takes_the_mean_of_the_checkpoints_named_and_this_runs_best_and_last_downstream(
+        tmp_path: Path) -> None:
+    earlier = [tmp_path / "finetune3-best.pt", tmp_path / "finetune4-last.pt"]
+    for path in earlier:
+        path.write_bytes(b"weights")
+    result, calls = _run(tmp_path, CONFIG="training/configs/finetune-cpu.yaml", AVERAGE=" ".join(map(str, earlier)))
+    assert result.returncode == 0, result.stderr
+    work = tmp_path / "work"
+    assert [call[0] for call in calls][6:] == ["stage1", "average", "features", "features", "stage2", "stage2",
+                                               "evaluate", "export"]
+    average = next(call for call in calls if call[0] == "average")
+    assert average == ["average", "--config", "training/configs/finetune-cpu.yaml", "--out",
+                       str(work / "average" / "best.pt"), *map(str, earlier), str(work / "stage1" / "best.pt"),
+                       str(work / "stage1" / "last.pt")]
+    downstream = [call for call in calls if call[0] in {"features", "evaluate", "export"}]
+    assert len(downstream) == 4
+    assert all(_value(call, "--stage1") == str(work / "average" / "best.pt") for call in downstream)
+
+
 @pytest.mark.parametrize(("env", "message"), [
     ({"STAGE1_CHECKPOINT": "epoch3.pt"}, "STAGE1_CHECKPOINT must be best.pt or last.pt"),
     ({"INIT": "/nonexistent/pe-demo.pt"}, "INIT: no such file: /nonexistent/pe-demo.pt"),
     ({"STAGE1_OPTIONS": "--set stage1.epochs=2 --init start.pt"}, "STAGE1_OPTIONS: give the starting weights as INIT"),
+    ({"AVERAGE": "/nonexistent/best.pt"}, "AVERAGE: no such file: /nonexistent/best.pt"),
 ])
 def test_a_wrong_setting_stops_the_script_before_any_step(tmp_path: Path, env: dict[str, str], message: str) -> None:
     result, calls = _run(tmp_path, **env)
