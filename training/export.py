@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -73,7 +74,8 @@ def _stage(state: TrainState, path: Path) -> dict[str, Any]:
     return {
         "checkpoint": str(path),
         "best_epoch": state.best_epoch,
-        "best_val_loss": state.best_val_loss,
+        # None where nothing was validated (an average made without --cache): JSON has no infinity.
+        "best_val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else None,
         "epochs": state.epoch,
         "last_epoch": state.history[-1] if state.history else None,
         "best": next((h for h in state.history if h["epoch"] == state.best_epoch), None),

@@ -326,19 +326,28 @@ def test_average_writes_the_mean_of_stage1s_validated_side_by_side_that_trains_a
                              Stage1Config().image_weight)
     assert again["val_loss"] == pytest.approx(validation["average"]["val_loss"], rel=1e-5)
 
-    # The average is a stage 1 like any other: features, stage 2 and an export that records what was averaged.
-    _run("features", "--config", config, "--stage1", str(tmp_path / "average/best.pt"), "--cache",
-         str(root / "cache"), "--out", str(tmp_path / "features"))
-    _run("stage2", "--config", config, "--features", str(tmp_path / "features"), "--out", str(tmp_path / "s2"),
-         "--epochs", "1")
-    _run("export", "--stage1", str(tmp_path / "average/best.pt"), "--stage2", str(tmp_path / "s2/best.pt"),
-         "--out", str(tmp_path / "averaged.pt"), "--fp32")
-    exported = load_checkpoint(tmp_path / "averaged.pt")
-    encoder = exported.model.encoder.state_dict()
-    assert all(torch.equal(encoder[name], average.weights[name]) for name in average.weights)
-    record = exported.meta.provenance["stage1"]
-    assert [item["sha256"] for item in record["average"]] == [file_sha256(p) for p in ingredients]
-    assert record["validation"]["average"]["val_loss"] == validation["average"]["val_loss"]
+    # The average is a stage 1 like any other: features, stage 2 and an export that records what was averaged; made
+    # without --cache it holds the same weights and no validation.
+    _run("average", "--config", config, "--out", str(tmp_path / "plain.pt"), *map(str, ingredients))
+    plain = load_state(tmp_path / "plain.pt", "stage1")
+    assert all(torch.equal(plain.weights[name], average.weights[name]) for name in average.weights)
+    assert "validation" not in plain.extra and plain.history == []
+    for made, run in (("average/best.pt", tmp_path / "behind-validated"), ("plain.pt", tmp_path / "behind-plain")):
+        _run("features", "--config", config, "--stage1", str(tmp_path / made), "--cache", str(root / "cache"),
+             "--out", str(run / "features"))
+        _run("stage2", "--config", config, "--features", str(run / "features"), "--out", str(run / "s2"),
+             "--epochs", "1")
+        _run("export", "--stage1", str(tmp_path / made), "--stage2", str(run / "s2/best.pt"), "--out",
+             str(run / "averaged.pt"), "--fp32")
+        exported = load_checkpoint(run / "averaged.pt")
+        encoder = exported.model.encoder.state_dict()
+        assert all(torch.equal(encoder[name], average.weights[name]) for name in average.weights)
+        record = exported.meta.provenance["stage1"]
+        assert [item["sha256"] for item in record["average"]] == [file_sha256(p) for p in ingredients]
+        if made == "plain.pt":
+            assert record["best_val_loss"] is None and "validation" not in record
+        else:
+            assert record["validation"]["average"]["val_loss"] == validation["average"]["val_loss"]
 
 
 def test_average_refuses_a_single_checkpoint_and_stage1s_of_other_preprocessing(
