@@ -57,18 +57,25 @@ def test_the_model_card_gives_the_checkpoints_own_evaluation_numbers() -> None:
     assert "training/demo.sh" in card
 
 
-def _stage1_chain(provenance: dict) -> list[dict]:
-    """Stage 1's record, then the record of each stage 1 it was fine-tuned from (``init``), back to the first."""
-    chain = [provenance["stage1"]]
-    while chain[-1].get("init"):
-        chain.append(chain[-1]["init"]["stage1"])
-    return chain
+def _stage1_chains(provenance: dict) -> list[list[dict]]:
+    """For each stage 1 that the shipped one averages (``pe-train average``; or the shipped stage 1 itself), its
+    record, then the record of each stage 1 it was fine-tuned from (``init``), back to the first."""
+    stage1 = provenance["stage1"]
+    chains = []
+    for record in [item["stage1"] for item in stage1["average"]] if stage1.get("average") else [stage1]:
+        chain = [record]
+        while chain[-1].get("init"):
+            chain.append(chain[-1]["init"]["stage1"])
+        chains.append(chain)
+    return chains
 
 
 def test_the_training_configs_are_those_each_stage_of_the_weights_was_trained_with() -> None:
-    # Stage 1 was trained on a GPU with demo-gpu.yaml, then fine-tuned four times with finetune-cpu.yaml (the first
-    # three without hard negatives, the third with 45 minutes, the first two with 35, the first selecting on
-    # validation study AUC, as the file then said), and stage 2 trained behind it with finetune-cpu.yaml.
+    # Stage 1 is the mean of five CPU fine-tunings' checkpoints (the third's best.pt, the fourth's and the fifth's
+    # best.pt and last.pt), all of one lineage: the GPU stage 1 (demo-gpu.yaml) fine-tuned with finetune-cpu.yaml
+    # five times in a row, the first three without hard negatives, the third with 45 minutes, the first two with 35,
+    # the first selecting on validation study AUC, as the file then said; stage 2 trained behind the mean with
+    # finetune-cpu.yaml.
     provenance = load_checkpoint(CHECKPOINT).meta.provenance
     configs = REPO / "training" / "configs"
     fine = load_train_config(configs / "finetune-cpu.yaml").model_dump(mode="json")
@@ -77,26 +84,33 @@ def test_the_training_configs_are_those_each_stage_of_the_weights_was_trained_wi
                                 "hard_negatives_stride": 1}}
     second = {**fine, "stage1": {**third["stage1"], "max_minutes": 35.0}}
     first = {**fine, "stage1": {**second["stage1"], "select": "val_study_auc"}}
+    lineage = [gpu, first, second, third, fine, fine]  # from the GPU run to the fifth fine-tuning
     defaults = TrainConfig().model_dump(mode="json")
-    chain = _stage1_chain(provenance)
-    for fine_tuned in chain[:-1]:
-        # The config keeps the path as given, the init record the file it resolved to.
-        assert fine_tuned["init"]["path"].endswith(fine_tuned["config"]["stage1"]["init"])
-    assert len(chain) == 5, "stage 1: the GPU run and four fine-tunings"
-    both = ("stage1", "model", "preprocess")
-    for recorded, config, sections in ((chain[0]["config"], fine, both), (chain[1]["config"], third, both),
-                                       (chain[2]["config"], second, both), (chain[3]["config"], first, both),
-                                       (chain[4]["config"], gpu, both),
-                                       (provenance["stage2"]["config"], fine, ("stage2", "model"))):
+    chains = _stage1_chains(provenance)
+    assert [len(chain) for chain in chains] == [4, 5, 5, 6, 6], "the third, fourth (2) and fifth (2) fine-tunings"
+    assert provenance["stage1"]["average"][1]["sha256"] != provenance["stage1"]["average"][2]["sha256"]
+    recorded = []
+    for chain in chains:
+        for fine_tuned in chain[:-1]:
+            # The config keeps the path as given, the init record the file it resolved to.
+            assert fine_tuned["init"]["path"].endswith(fine_tuned["config"]["stage1"]["init"])
+        recorded += [(record["config"], config, ("stage1", "model", "preprocess"))
+                     for record, config in zip(reversed(chain), lineage, strict=False)]
+    recorded.append((provenance["stage2"]["config"], fine, ("stage2", "model")))
+    for config_recorded, config, sections in recorded:
         for section in sections:
             # A key added to the config since a stage was trained is at its default in that stage's file.
-            newer = {key: value for key, value in defaults[section].items() if key not in recorded[section]}
-            assert {**recorded[section], **newer, "init": None} == {**config[section], "init": None}, section
+            newer = {key: value for key, value in defaults[section].items() if key not in config_recorded[section]}
+            assert {**config_recorded[section], **newer, "init": None} == {**config[section], "init": None}, section
 
 
 def test_the_card_says_where_each_fine_tunings_starting_weights_are_and_their_hashes_are_the_recorded_ones() -> None:
-    chain = _stage1_chain(load_checkpoint(CHECKPOINT).meta.provenance)
-    recorded = [fine_tuned["init"]["sha256"] for fine_tuned in chain[:-1]]
+    chains = _stage1_chains(load_checkpoint(CHECKPOINT).meta.provenance)
+    longest = max(chains, key=len)
+    recorded = [fine_tuned["init"]["sha256"] for fine_tuned in longest[:-1]]
+    for chain in chains:
+        inits = [fine_tuned["init"]["sha256"] for fine_tuned in chain[:-1]]
+        assert inits == recorded[len(recorded) - len(inits):], "one lineage"
     card = CARD.read_text(encoding="utf-8")
     starting_file = r"`git show ([0-9a-f]{7,40}):models/pe-demo\.pt > (pe-demo-[a-z]+\.pt)`.*?SHA-256\s+([0-9a-f]{64})"
     named = re.findall(starting_file, card, re.DOTALL)
@@ -115,6 +129,14 @@ def test_the_card_says_where_each_fine_tunings_starting_weights_are_and_their_ha
         if history.returncode != 0:
             pytest.skip(f"this copy of the repository does not hold commit {commit} (a shallow clone or an archive)")
         assert hashlib.sha256(history.stdout).hexdigest() == sha, name
+
+
+def test_the_card_names_the_averaged_checkpoints_by_their_hashes() -> None:
+    average = load_checkpoint(CHECKPOINT).meta.provenance["stage1"]["average"]
+    card = CARD.read_text(encoding="utf-8")
+    section = card[card.index("The averaged checkpoints"):]
+    for item in average:
+        assert item["sha256"] in section, item["path"]
 
 
 def test_the_card_names_the_preprocessing_the_checkpoint_carries() -> None:
