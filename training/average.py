@@ -100,13 +100,18 @@ def average_stage1(
         state.inputs["cache"] = str(cache.root.resolve())
         state.extra["validation"] = {"cache": str(cache.root.resolve()), "split": split,
                                      "ingredients": results[:-1], "average": results[-1]}
-    out = Path(out)
-    path = out / "best.pt" if out.suffix != ".pt" else out
+    path = average_path(out)
     save_state(path, state)
     if cache is not None:
         write_json(path.with_name(path.stem + ".validation.json"), state.extra["validation"])
     logger.info("averaged %d stage-1 checkpoints into %s", len(states), path)
     return state
+
+
+def average_path(out: Path) -> Path:
+    """Where ``pe-train average --out OUT`` writes: OUT itself where it names a .pt file, else OUT/best.pt."""
+    out = Path(out)
+    return out if out.suffix == ".pt" else out / "best.pt"
 
 
 def validate_average(states: Sequence[TrainState], cache: Cache, split: str, config: TrainConfig,
@@ -115,10 +120,9 @@ def validate_average(states: Sequence[TrainState], cache: Cache, split: str, con
     studies = cache.split(split)
     if not studies:
         raise TrainConfigError(f"cache {cache.root} has no {split} studies to validate the average on")
-    for state in states:
-        if state.preprocess != cache.preprocess.to_dict():
-            raise TrainConfigError(f"cache {cache.root} holds inputs preprocessed as {cache.preprocess.to_dict()}, "
-                                   f"the stage 1s were trained on {state.preprocess}")
+    if states[0].preprocess != cache.preprocess.to_dict():  # average_weights saw that they all share it
+        raise TrainConfigError(f"cache {cache.root} holds inputs preprocessed as {cache.preprocess.to_dict()}, "
+                               f"the stage 1s were trained on {states[0].preprocess}")
     device = resolve_device(config.device)
     processes = Processes(rank=0, world_size=1, local_rank=0, device=device)
     results = []

@@ -31,7 +31,7 @@ import torch
 
 from pe_node.model import resolve_device
 from training import phantoms
-from training.average import average_stage1, validation_table
+from training.average import average_path, average_stage1, validation_table
 from training.cache import Cache, prepare
 from training.config import SPLITS, TrainConfig, TrainConfigError, load_train_config, parse_override
 from training.distributed import start, stop
@@ -189,8 +189,7 @@ def _average(args: argparse.Namespace, config: TrainConfig, command: list[str]) 
     state = average_stage1(args.checkpoints, args.out, config, cache, args.split, command, not args.quiet)
     if "validation" in state.extra:
         print("\n".join(validation_table(state)))
-    path = args.out / "best.pt" if args.out.suffix != ".pt" else args.out
-    print(f"average of {len(state.extra['average'])} stage-1 checkpoints: {path}")
+    print(f"average of {len(state.extra['average'])} stage-1 checkpoints: {average_path(args.out)}")
 
 
 def _evaluate(args: argparse.Namespace, config: TrainConfig, command: list[str]) -> None:
