@@ -208,6 +208,23 @@ def assign_splits(classes: dict[str, str], data: DataConfig, split_all: str | No
     return {uid: splits[uid] for uid in classes}
 
 
+def training_share(studies: list[CachedStudy], fraction: float, seed: int) -> list[CachedStudy]:
+    """``fraction`` of ``studies`` within each exam class (rounded, at least one of a class present), in their order.
+
+    Drawn with ``seed``: the same studies every time, and those of a smaller fraction among those of a larger one, so
+    that the points of a learning curve add studies rather than draw new ones (``data.train_fraction``).
+    """
+    if fraction >= 1.0:
+        return list(studies)
+    kept: set[str] = set()
+    for position, name in enumerate(_CLASSES):
+        members = [study.study_instance_uid for study in studies if study.exam_class == name]
+        if members:
+            order = np.random.default_rng([seed, position, 1]).permutation(len(members))
+            kept.update(members[i] for i in order[: max(1, round(fraction * len(members)))])
+    return [study for study in studies if study.study_instance_uid in kept]
+
+
 def prepare(
     data_root: Path,
     cache_root: Path,

@@ -38,11 +38,17 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    """How ``prepare`` splits the studies of a data set, by study and stratified by exam class."""
+    """How ``prepare`` splits the studies of a data set, by study and stratified by exam class; how much of the
+    train split the stages train on."""
 
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     split_seed: int = Field(0, ge=0)
+    train_fraction: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="share of the train split's studies stage 1 and stage 2 train on, within each exam class, drawn "
+                    "with split_seed (the studies of a smaller share among those of a larger): a learning curve; "
+                    "validation always takes the whole val split")
     workers: int = Field(1, ge=1, le=64, description="processes reading and preprocessing studies")
 
     @model_validator(mode="after")

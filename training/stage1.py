@@ -27,7 +27,7 @@ from pe_node.model import PEModel, PreprocessConfig, SliceEncoder, create_model,
 from pe_node.model.checkpoint import file_sha256
 from training.augment import augment
 from training.backbone import load_backbone_weights
-from training.cache import Cache, CachedStudy, to_input
+from training.cache import Cache, CachedStudy, to_input, training_share
 from training.config import Stage1Config, TrainConfig, TrainConfigError
 from training.data import SliceBatches, epoch_batches
 from training.distributed import Processes, shard
@@ -69,6 +69,8 @@ def train_stage1(
             f"stage 1 needs train and val studies; cache {cache.root} has {len(train)} and {len(val)} "
             "(prepare it with data.val_fraction > 0)"
         )
+    split_studies = len(train)
+    train = training_share(train, config.data.train_fraction, config.data.split_seed)
     torch.manual_seed(config.seed)
     model = create_model(config.model.name, **config.model.architecture())
     encoder = model.encoder
@@ -84,7 +86,8 @@ def train_stage1(
     if processes.distributed:
         network = DistributedDataParallel(encoder, device_ids=[device] if device.type == "cuda" else None)
     optimization = Optimization(network.parameters(), config.stage1, device, cpu_bf16=True)
-    logger.info("stage 1 trains on %s in %s", device, optimization.precision)
+    logger.info("stage 1 trains on %s in %s, on %d of the train split's %d studies", device, optimization.precision,
+                len(train), split_studies)
     state = TrainState(
         stage="stage1",
         model_name=model.name,
@@ -93,8 +96,9 @@ def train_stage1(
         weights={},
         config=config.model_dump(mode="json"),
         inputs={"cache": str(cache.root.resolve()), "command": command or [], "world_size": processes.world_size},
-        extra={"data": cache.describe(), "code": source_code(), "precision": optimization.precision,
-               **({"backbone_weights": weights} if weights else {}), **({"init": start} if start else {})},
+        extra={"data": {**cache.describe(), "train_studies": len(train)}, "code": source_code(),
+               "precision": optimization.precision, **({"backbone_weights": weights} if weights else {}),
+               **({"init": start} if start else {})},
     )
 
     def train_epoch(epoch: int) -> tuple[float, dict[str, Any]]:

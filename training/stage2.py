@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from pe_node.model import SequenceModel, create_model, rsna_loss
 from pe_node.model.checkpoint import file_sha256
-from training.cache import CachedStudy
+from training.cache import CachedStudy, training_share
 from training.config import TrainConfig, TrainConfigError
 from training.data import StudyEmbeddings, pad_studies
 from training.distributed import Processes, shard
@@ -57,6 +57,9 @@ def train_stage2(
     train, val = features.split("train"), features.split("val")
     if not train or not val:
         raise TrainConfigError(f"stage 2 needs train and val studies; the features have {len(train)} and {len(val)}")
+    split_studies = len(train)
+    train = training_share(train, config.data.train_fraction, config.data.split_seed)
+    logger.info("stage 2 trains on %d of the train split's %d studies", len(train), split_studies)
     if config.model.backbone != stage1.model_config["backbone"]:
         raise TrainConfigError(
             f"model.backbone: {config.model.backbone!r}, but the features come from a stage 1 with "
@@ -84,7 +87,7 @@ def train_stage2(
                 "stage1_sha256": features.stage1_sha256, "command": command or [],
                 "world_size": processes.world_size},
         extra={"label_prior": label_prior(train), "pooling": config.stage2.pooling, "code": source_code(),
-               "data": features.cache.describe()},
+               "data": {**features.cache.describe(), "train_studies": len(train)}},
     )
     dataset = StudyEmbeddings(features, train)
     sampler = DistributedSampler(dataset, num_replicas=processes.world_size, rank=processes.rank, shuffle=True,

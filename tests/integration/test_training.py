@@ -20,7 +20,7 @@ import yaml
 from pe_node.model import Predictor, check, cpu_has_fast_bf16, create_model, load_checkpoint
 from pe_node.model.checkpoint import file_sha256
 from pe_node.pipeline.series import load_series
-from training.cache import Cache
+from training.cache import Cache, training_share
 from training.cli import main
 from training.config import Stage1Config
 from training.distributed import Processes
@@ -152,6 +152,28 @@ def test_resumed_stage2_ends_exactly_where_an_uninterrupted_run_ends(workspace: 
     assert resumed.epoch == 3 and [h["epoch"] for h in resumed.history] == [1, 2, 3]
     assert all(torch.equal(straight.weights[k], resumed.weights[k]) for k in straight.weights)
     assert [h["train_loss"] for h in straight.history] == [h["train_loss"] for h in resumed.history]
+
+
+def test_both_stages_train_on_the_share_of_the_train_split_that_data_train_fraction_asks_for(
+        workspace: Path, tmp_path: Path) -> None:
+    config, share = str(workspace / "train.yaml"), ["--set", "data.train_fraction=0.5"]
+    train = Cache.open(workspace / "cache").split("train")
+    kept = training_share(train, 0.5, CONFIG["data"]["split_seed"])
+    assert 0 < len(kept) < len(train)
+    _run("stage1", "--config", config, "--cache", str(workspace / "cache"), "--out", str(tmp_path / "s1"),
+         "--epochs", "1", "--set", "stage1.hard_negatives=1", *share)
+    stage1 = json.loads((tmp_path / "s1/metrics.json").read_text())
+    assert stage1["data"]["train_studies"] == len(kept)
+    assert stage1["data"]["splits"]["train"]["studies"] == len(train)
+    assert stage1["history"][0]["mined_studies"] == sum(not study.image.any() for study in kept)
+    _run("stage2", "--config", config, "--features", str(workspace / "features-cache"), "--out", str(tmp_path / "s2"),
+         "--epochs", "1", *share)
+    stage2 = json.loads((tmp_path / "s2/metrics.json").read_text())
+    batch = CONFIG["stage2"]["batch_size"]
+    assert stage2["data"]["train_studies"] == len(kept)
+    assert stage2["batches_per_process"] == [-(-len(kept) // batch)], "one pass over the share an epoch"
+    whole = json.loads((workspace / "stage1/metrics.json").read_text())
+    assert whole["data"]["train_studies"] == len(train)
 
 
 def test_stage1_trains_on_two_processes_under_torchrun_and_only_rank_0_writes(workspace: Path,

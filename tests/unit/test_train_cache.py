@@ -13,7 +13,15 @@ import torch
 
 from pe_node.model import PreprocessConfig, plan_crop, preprocess_slices
 from pe_node.pipeline.series import load_series
-from training.cache import QUANTISATION_TOLERANCE, Cache, CacheError, assign_splits, prepare
+from training.cache import (
+    QUANTISATION_TOLERANCE,
+    Cache,
+    CachedStudy,
+    CacheError,
+    assign_splits,
+    prepare,
+    training_share,
+)
 from training.config import DataConfig
 from training.rspect import read_rspect
 
@@ -116,6 +124,26 @@ def test_splits_are_stratified_deterministic_and_give_every_split_positives() ->
     assert counts[("positive", "val")] == 2 and counts[("positive", "test")] == 2 and counts[("positive", "train")] == 4
     assert counts[("negative", "val")] == 5 and counts[("negative", "test")] == 5
     assert counts[("indeterminate", "train")] >= 1
+
+
+def _study(uid: str, exam_class: str) -> CachedStudy:
+    image = np.array([0, 1 if exam_class == "positive" else 0, 0], dtype=np.int8)
+    return CachedStudy(uid, f"{uid}.1", "train", {"indeterminate": int(exam_class == "indeterminate")}, image,
+                       ("1", "2", "3"), None)
+
+
+def test_a_training_share_keeps_each_class_in_proportion_and_grows_by_adding_studies() -> None:
+    studies = [_study(f"n{i}", "negative") for i in range(40)] + [_study(f"p{i}", "positive") for i in range(20)]
+    studies += [_study("i0", "indeterminate")]
+    half = training_share(studies, 0.5, 3)
+    counts = Counter(study.exam_class for study in half)
+    assert counts == {"negative": 20, "positive": 10, "indeterminate": 1}, "at least one of a class present"
+    assert half == [study for study in studies if study in half], "in the split's order"
+    assert [s.study_instance_uid for s in half] == [s.study_instance_uid for s in training_share(studies, 0.5, 3)]
+    assert {s.study_instance_uid for s in half} != {s.study_instance_uid for s in training_share(studies, 0.5, 4)}
+    quarter = {s.study_instance_uid for s in training_share(studies, 0.25, 3)}
+    assert len(quarter) == 16 and quarter < {s.study_instance_uid for s in half}, "a smaller share within a larger"
+    assert training_share(studies, 1.0, 3) == studies
 
 
 def test_cache_inputs_are_normalised_float32(cache: Cache) -> None:

@@ -43,6 +43,8 @@ def test_saved_config_reads_back_identical(tmp_path: Path) -> None:
         ({"preprocess.size": 8}, "preprocess: preprocess size 8"),
         ({"data.val_fraction": 0.6, "data.test_fraction": 0.5}, "data: val_fraction + test_fraction"),
         ({"device": "tpu"}, "device: 'tpu'"),
+        ({"data.train_fraction": 0}, "data.train_fraction: Input should be greater than 0"),
+        ({"data.train_fraction": 1.5}, "data.train_fraction: Input should be less than or equal to 1"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(overrides: dict, key: str) -> None:
