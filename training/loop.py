@@ -245,6 +245,12 @@ def _resume(run: Path, state: TrainState, module: nn.Module, optimization: Optim
                 f"cannot resume {run / 'last.pt'}: its {key} {getattr(last, key)!r} differs from this run's "
                 f"{getattr(state, key)!r}"
             )
+    if _training_share(last.config) != _training_share(state.config):
+        fraction, seed = _training_share(last.config)
+        raise StateError(
+            f"cannot resume {run / 'last.pt'}: it trained on data.train_fraction {fraction}"
+            f"{f' (split_seed {seed})' if seed is not None else ''} of the train split; resume it with the same share"
+        )
     module.load_state_dict(last.weights)
     optimization.load_state_dicts(last)
     restore_rng(last.rng)
@@ -252,6 +258,14 @@ def _resume(run: Path, state: TrainState, module: nn.Module, optimization: Optim
                 run / "last.pt", last.epoch, last.best_val_loss, last.best_epoch)
     last.config, last.inputs, last.extra = state.config, {**last.inputs, **state.inputs}, {**last.extra, **state.extra}
     return last
+
+
+def _training_share(config: dict[str, Any]) -> tuple[float, int | None]:
+    """Which studies of the train split a run trains on: ``data.train_fraction`` and, below 1, the seed that drew them
+    (a run recorded before the key existed trained on all of them)."""
+    data = config.get("data", {})
+    fraction = float(data.get("train_fraction", 1.0))
+    return fraction, (int(data.get("split_seed", 0)) if fraction < 1.0 else None)
 
 
 def _save(run: Path, state: TrainState, improved: bool) -> None:

@@ -154,8 +154,8 @@ def test_resumed_stage2_ends_exactly_where_an_uninterrupted_run_ends(workspace: 
     assert [h["train_loss"] for h in straight.history] == [h["train_loss"] for h in resumed.history]
 
 
-def test_both_stages_train_on_the_share_of_the_train_split_that_data_train_fraction_asks_for(
-        workspace: Path, tmp_path: Path) -> None:
+def test_both_stages_train_on_the_share_of_the_train_split_that_data_train_fraction_asks_for_and_resume_on_it(
+        workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     config, share = str(workspace / "train.yaml"), ["--set", "data.train_fraction=0.5"]
     train = Cache.open(workspace / "cache").split("train")
     kept = training_share(train, 0.5, CONFIG["data"]["split_seed"])
@@ -174,6 +174,12 @@ def test_both_stages_train_on_the_share_of_the_train_split_that_data_train_fract
     assert stage2["batches_per_process"] == [-(-len(kept) // batch)], "one pass over the share an epoch"
     whole = json.loads((workspace / "stage1/metrics.json").read_text())
     assert whole["data"]["train_studies"] == len(train)
+    assert main(["stage2", "--quiet", "--config", config, "--features", str(workspace / "features-cache"), "--out",
+                 str(tmp_path / "s2"), "--epochs", "2", "--resume"]) == 1
+    assert "trained on data.train_fraction 0.5 (split_seed 1)" in capsys.readouterr().err
+    _run("stage2", "--config", config, "--features", str(workspace / "features-cache"), "--out", str(tmp_path / "s2"),
+         "--epochs", "2", "--resume", *share)
+    assert json.loads((tmp_path / "s2/metrics.json").read_text())["data"]["train_studies"] == len(kept)
 
 
 def test_stage1_trains_on_two_processes_under_torchrun_and_only_rank_0_writes(workspace: Path,
