@@ -24,7 +24,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.dicom_factory import write_ct_series  # noqa: E402
-from tests.peers import NodeProcess, Orthanc, StoreSCP, dcmtk_env, free_port, node_config  # noqa: E402
+from tests.peers import (  # noqa: E402
+    NodeProcess,
+    Orthanc,
+    StoreSCP,
+    dcmtk_env,
+    free_port,
+    node_config,
+)
 
 
 def send(files: list[Path], ae_title: str, port: int, associations: int = 1) -> float:
@@ -85,8 +92,8 @@ def run(work: Path, slices: int, repeats: int) -> None:
     print(f"{'receiver':<10} {'1 assoc (s)':>12} {'4 assoc (s)':>12} {'pe-node/x 1':>12} {'pe-node/x 4':>12}")
     median = {key: statistics.median(values) for key, values in times.items()}
     for name in names:
-        print(f"{name:<10} {median[(name, 1)]:>12.2f} {median[(name, 4)]:>12.2f} "
-              f"{median[('pe-node', 1)] / median[(name, 1)]:>12.2f} {median[('pe-node', 4)] / median[(name, 4)]:>12.2f}")
+        ratios = [median[("pe-node", n)] / median[(name, n)] for n in (1, 4)]
+        print(f"{name:<10} {median[(name, 1)]:>12.2f} {median[(name, 4)]:>12.2f} {ratios[0]:>12.2f} {ratios[1]:>12.2f}")
     ratio = median[("pe-node", 1)] / median[("Orthanc", 1)]
     print(f"\npe-node / Orthanc, one association: {ratio:.2f} (target <= 1.0)")
 

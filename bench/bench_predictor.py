@@ -32,7 +32,13 @@ import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 import torch  # noqa: E402
 
-from pe_node.model import Predictor, PreprocessConfig, cpu_has_fast_bf16, create_model, save_checkpoint  # noqa: E402
+from pe_node.model import (  # noqa: E402
+    Predictor,
+    PreprocessConfig,
+    cpu_has_fast_bf16,
+    create_model,
+    save_checkpoint,
+)
 from pe_node.pipeline.series import CTSeries, SliceRef  # noqa: E402
 from tests.dicom_factory import phantom_slice, write_ct_series  # noqa: E402
 

@@ -1,11 +1,11 @@
 """Benchmark of stage-1 training: slices/s of a training step in bf16 autocast against plain float32, same run.
 
 Run from a checkout: ``.venv/bin/python bench/bench_training.py`` (``--help`` for options). It builds stage 1 of the
-demo recipe (ResNet-18-D, random weights) and times the trainer's own step (``training.stage1.train_step``: uint8
-cache windows to the normalised input, augmentation, the forward pass in channels_last, the slice loss, backward,
-clipping and the Adam step), once with the precision the trainer picks on this machine (bf16 where the CPU computes
-it natively, or on CUDA) and once in float32, alternating rounds so that other load on the host falls on both. It
-prints figures and asserts nothing.
+demo recipe (ResNet-18-D, random weights) and times the trainer's own step (``training.fitting.stage1.train_step``:
+uint8 cache windows to the normalised input, augmentation, the forward pass in channels_last, the slice loss, backward,
+clipping and the Adam step), once with the precision the trainer picks on this machine (bf16 where the CPU computes it
+natively, or on CUDA) and once in float32, alternating rounds so that other load on the host falls on both. It prints
+figures and asserts nothing.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch  # noqa: E402
 
 from pe_node.model import PreprocessConfig, cpu_has_fast_bf16, create_model  # noqa: E402
 from training.config import Stage1Config  # noqa: E402
-from training.loop import Optimization  # noqa: E402
-from training.stage1 import train_step  # noqa: E402
+from training.fitting.loop import Optimization  # noqa: E402
+from training.fitting.stage1 import train_step  # noqa: E402
 
 
 def time_steps(amp: bool, args: argparse.Namespace, device: torch.device) -> tuple[float, str]:

@@ -26,7 +26,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.peers import NodeProcess, Orthanc, StoreSCP, dcmtk_env, free_port, node_config, wait_until  # noqa: E402
+from tests.peers import (  # noqa: E402
+    NodeProcess,
+    Orthanc,
+    StoreSCP,
+    dcmtk_env,
+    free_port,
+    node_config,
+    wait_until,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +65,12 @@ def random_checkpoint(work: Path, size: int) -> Path:
 
 
 def phantom(folder: Path, seed: int, slices: int) -> list[Path]:
-    from training.phantoms import ExamClass, exam_class, plan_study, write_study
+    from training.phantoms.generator import (
+        ExamClass,
+        exam_class,
+        plan_study,
+        write_study,
+    )
 
     index = next(i for i in range(40) if exam_class(seed, i) is ExamClass.POSITIVE)
     write_study(plan_study(seed, index, slices=(slices, slices), size=512), folder)
@@ -70,7 +83,7 @@ def storescu(aet: str, port: int, files: list[Path]) -> dt.datetime:
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"storescu to {aet} failed: {result.stderr[-400:]}")
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def run(work: Path, checkpoint: Path, slices: int, quiet: float, skip_orthanc: bool) -> None:
@@ -135,7 +148,7 @@ def wait_for_job(database: Path, count: int) -> dict:
 
 
 def _utc(text: str) -> dt.datetime:
-    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.timezone.utc)
+    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC)
 
 
 def phase_times(job: dict, last_response: dt.datetime) -> dict[str, float]:
@@ -156,7 +169,7 @@ def phase_times(job: dict, last_response: dt.datetime) -> dict[str, float]:
 def orthanc_stable(orthanc: Orthanc) -> dt.datetime | None:
     series = orthanc.get("/series")
     if series and orthanc.get(f"/series/{series[0]}")["IsStable"]:
-        return dt.datetime.now(dt.timezone.utc)
+        return dt.datetime.now(dt.UTC)
     time.sleep(0.05)
     return None
 

@@ -10,7 +10,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pe_node.config import Config, DicomDestination, DicomWebDestination, FolderDestination
+from pe_node.config import (
+    Config,
+    DicomDestination,
+    DicomWebDestination,
+    FolderDestination,
+)
 
 
 @dataclass(frozen=True)

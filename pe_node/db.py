@@ -32,7 +32,14 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +47,7 @@ UID_LENGTH = 64
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -54,10 +61,10 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
             return None
         if value.tzinfo is None:
             raise ValueError(f"naive datetime {value!r}: pass an aware UTC datetime")
-        return value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        return value.astimezone(dt.UTC).replace(tzinfo=None)
 
     def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
-        return None if value is None else value.replace(tzinfo=dt.timezone.utc)
+        return None if value is None else value.replace(tzinfo=dt.UTC)
 
 
 class SeriesState(str, enum.Enum):
@@ -83,7 +90,8 @@ class DeliveryState(str, enum.Enum):
 
 
 def _enum(kind: type[enum.Enum]) -> Enum:
-    return Enum(kind, values_callable=lambda e: [m.value for m in e], native_enum=False, length=16, validate_strings=True)
+    return Enum(kind, values_callable=lambda e: [m.value for m in e], native_enum=False, length=16,
+                validate_strings=True)
 
 
 class Base(DeclarativeBase):

@@ -1,6 +1,6 @@
 """``make demo``: the whole loop in a minute, against the node that ``make run`` started.
 
-Generates one synthetic CTPA with a pulmonary embolism (a phantom from ``training.phantoms``), sends it to the
+Generates one synthetic CTPA with a pulmonary embolism (a phantom from ``training.phantoms.generator``), sends it to the
 node over DICOM, waits for the analysis and its delivery, and prints the findings: PE yes or no with its
 probability, location, chronicity, RV/LV, the key slices, and where the SR and the secondary captures were
 written (the folder destination), saving each secondary capture as a PNG beside it for a quick look. Each run
@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import select
 
+from pe_node import storage
 from pe_node.config import Config, FolderDestination, load_config
 from pe_node.db import Database, Delivery, DeliveryState, Job, JobState, Series
 from pe_node.dicom.scu import Peer, send_files
@@ -63,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def make_phantom(folder: Path, seed: int) -> tuple[list[Path], str]:
     """One positive phantom study at 512 px written under ``folder``; its files and a note of what it holds."""
-    from training.phantoms import ExamClass, exam_class, plan_study, write_study
+    from training.phantoms.generator import (
+        ExamClass,
+        exam_class,
+        plan_study,
+        write_study,
+    )
 
     index = next(i for i in range(40) if exam_class(seed, i) is ExamClass.POSITIVE)
     plan = plan_study(seed, index, slices=SLICES, size=SIZE)
@@ -144,7 +150,7 @@ def _written(result: dict[str, Any], config: Config, work: Path) -> list[str]:
     for item in result["objects"]:
         ds = pydicom.dcmread(item["path"])
         kind = {"SR": "structured report", "KO": "key object selection"}.get(ds.Modality, "secondary capture")
-        where = [Path(d.path) / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+        where = [storage.instance_path(d.path, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
                  for d in folders]
         lines.append(f"{kind}: {where[0] if where else item['path']}")
         if "PixelData" in ds and ds.get("SamplesPerPixel") == 3:

@@ -6,9 +6,7 @@ across processes and machines that share the database and the storage path.
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,10 +43,6 @@ class Roles:
 
 class StartError(RuntimeError):
     """The node cannot start as configured (a port in use, ...); the message says which setting."""
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Node:

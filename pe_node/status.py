@@ -7,7 +7,15 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from pe_node.db import AssociationRecord, Database, Delivery, DeliveryState, Instance, Job, Series
+from pe_node.db import (
+    AssociationRecord,
+    Database,
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    Series,
+)
 
 
 def collect(db: Database, *, limit: int = 200, audit: bool = False) -> dict[str, Any]:

@@ -12,7 +12,6 @@ queue retries until ``worker.max_attempts``); a stop request between phases rele
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -25,19 +24,24 @@ import pydicom
 from pydicom import Dataset
 from sqlalchemy import select
 
-from pe_node import __version__
+from pe_node import __version__, storage
 from pe_node.config import Config
 from pe_node.db import Database, Instance, Job, JobState
-from pe_node.delivery.destinations import Outgoing
 from pe_node.delivery.outbox import Outbox, enqueue
+from pe_node.delivery.outgoing import Outgoing
 from pe_node.findings import Prediction
 from pe_node.jobs.completion import is_eligible
-from pe_node.jobs.queue import ClaimedJob, JobQueue, LeaseLost
+from pe_node.jobs.queue import ClaimedJob, JobQueue, LeaseLost, worker_id
 from pe_node.metrics import Metrics
-from pe_node.node import worker_id
 from pe_node.pipeline.series import CTSeries, SeriesError, SliceRef, load_series
 from pe_node.pipeline.suitability import SuitabilityRules, check_suitability
-from pe_node.reporting import AlgorithmInfo, NotAnalysed, ReportObjects, ReportOptions, build_report
+from pe_node.reporting import (
+    AlgorithmInfo,
+    NotAnalysed,
+    ReportObjects,
+    ReportOptions,
+    build_report,
+)
 from pe_node.reporting.outcome import NotAnalysedReason, exam_probability, exam_result
 from pe_node.reporting.report import key_slices
 
@@ -61,7 +65,6 @@ class Worker:
         self.metrics = metrics or Metrics()
         self.queue = JobQueue(db, config.worker, owner or worker_id())
         self.outbox = Outbox(db, config, self.metrics)
-        self.results = Path(config.storage.path) / "results"
         self.rules = SuitabilityRules(min_slices=config.series.min_instances)
         capture = config.outputs.secondary_capture
         self.options = ReportOptions(
@@ -171,10 +174,11 @@ class Worker:
                 .where(Instance.series_id == job.series_id)
                 .order_by(Instance.id)
             ).all()
-        root = Path(self.config.storage.path) / job.study_instance_uid / job.series_instance_uid
+        root = self.config.storage.path
         return [
-            SliceRef(row.sop_instance_uid, row.sop_class_uid, root / f"{row.sop_instance_uid}.dcm", 0.0,
-                     row.instance_number)
+            SliceRef(row.sop_instance_uid, row.sop_class_uid,
+                     storage.instance_path(root, job.study_instance_uid, job.series_instance_uid, row.sop_instance_uid),
+                     0.0, row.instance_number)
             for row in rows
             if is_eligible(row.sop_class_uid, row.image_type)
         ]
@@ -207,16 +211,11 @@ class Worker:
         return []
 
     def _write(self, job: ClaimedJob, objects: ReportObjects) -> list[Outgoing]:
-        folder = self.results / f"job-{job.id}"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = storage.results_folder(self.config.storage.path, job.id)
         outgoing = []
         for ds in objects.all():
-            path = folder / f"{ds.SOPInstanceUID}.dcm"
-            tmp = folder / f".{path.name}.tmp"
-            ds.save_as(tmp, enforce_file_format=True)
-            with tmp.open("rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            path = storage.atomic_write(folder / f"{ds.SOPInstanceUID}.dcm",
+                                        lambda stream, ds=ds: ds.save_as(stream, enforce_file_format=True))
             outgoing.append(Outgoing(path, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
                                      str(ds.SOPInstanceUID), str(ds.SOPClassUID)))
         return outgoing

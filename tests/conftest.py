@@ -40,7 +40,7 @@ def ct_series_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def phantom_train_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Eight tiny phantom studies (64 px, 10-14 slices, seed 5) in the RSPECT layout: every class, three of them
     positive (read-only)."""
-    from training.phantoms import generate
+    from training.phantoms.generator import generate
 
     out = tmp_path_factory.mktemp("phantoms_train")
     generate(out, 8, 5, slices=(10, 14), size=64, workers=1, progress=False)
@@ -50,7 +50,7 @@ def phantom_train_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def phantom_heldout_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Five tiny phantom studies made with another seed (6): a held-out set (read-only)."""
-    from training.phantoms import generate
+    from training.phantoms.generator import generate
 
     out = tmp_path_factory.mktemp("phantoms_heldout")
     generate(out, 5, 6, slices=(10, 14), size=64, workers=1, progress=False)

@@ -26,21 +26,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pe_node  # noqa: F401  (sets passive OpenMP waiting before torch loads)
 import torch
 
+import pe_node  # noqa: F401  (sets passive OpenMP waiting before torch loads)
 from pe_node.model import resolve_device
-from training import phantoms
-from training.average import average_path, average_stage1, validation_table
-from training.cache import Cache, prepare
-from training.config import SPLITS, TrainConfig, TrainConfigError, load_train_config, parse_override
-from training.distributed import start, stop
-from training.evaluate import evaluate
-from training.export import export
-from training.features import FeatureSet, extract_features
-from training.loop import best_summary
-from training.stage1 import train_stage1
-from training.stage2 import train_stage2
+from training.config import (
+    SPLITS,
+    TrainConfig,
+    TrainConfigError,
+    load_train_config,
+    parse_override,
+)
+from training.evaluation.evaluate import evaluate
+from training.fitting.average import average_path, average_stage1, validation_table
+from training.fitting.cache import Cache, prepare
+from training.fitting.distributed import start, stop
+from training.fitting.export import export
+from training.fitting.features import FeatureSet, extract_features
+from training.fitting.loop import best_summary
+from training.fitting.stage1 import train_stage1
+from training.fitting.stage2 import train_stage2
+from training.phantoms import generator as phantoms
 
 logger = logging.getLogger("pe-train")
 

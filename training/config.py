@@ -19,7 +19,14 @@ from typing import Any, Literal
 
 import timm
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pe_node.config import check_device
 from pe_node.findings import IMAGE_WEIGHT
@@ -144,15 +151,15 @@ class Stage1Config(OptimConfig):
 
     Each epoch takes, from every training study, its positive slices (at most ``positives_per_study``, null: all) and
     ``negatives_per_study`` random negative slices (null: all), drawn ``uniform``-ly over the scan or ``matched`` to
-    where positives lie (``training.data``); ``within`` takes the matched negatives from the studies with positive
-    slices alone, so that positives and negatives come from the same patients. ``background_negatives`` adds, from
-    every study (negative ones too), that many more negatives drawn uniformly over the whole scan, so that stage 1 also
-    sees the apices, the bases and the mimics of studies without emboli that a study-level maximum runs over.
+    where positives lie (``training.fitting.data``); ``within`` takes the matched negatives from the studies with
+    positive slices alone, so that positives and negatives come from the same patients. ``background_negatives`` adds,
+    from every study (negative ones too), that many more negatives drawn uniformly over the whole scan, so that stage 1
+    also sees the apices, the bases and the mimics of studies without emboli that a study-level maximum runs over.
     ``sampling: study`` makes each batch from one study, as in the paper; ``mixed`` mixes studies in a batch.
     ``image_weight`` is the image label's weight in ``pe_node.model.slice_loss`` (default: the RSNA weight, the
     paper's loss; the nine exam labels weigh about 1 in all); raising it makes stage 1 learn what shows on each slice
     rather than which patient a slice belongs to.
-    ``augment`` moves each training slice a little (``training.augment``) for the same reason. Validation reads
+    ``augment`` moves each training slice a little (``training.fitting.augment``) for the same reason. Validation reads
     every slice of the validation studies, or their positives and ``val_negatives_per_study`` evenly spaced
     negatives (the same ones every epoch), which makes it cheaper on large sets.
     ``chronic_repeats`` draws the positive slices of studies labelled chronic (``chronic_pe`` or

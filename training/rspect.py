@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from pe_node import storage
 from pe_node.findings import EXAM_LABELS, IMAGE_LABEL
 
 UID_COLUMNS: tuple[str, ...] = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
@@ -54,7 +55,7 @@ class RSPECTImage(NamedTuple):
     @property
     def path(self) -> Path:
         """The slice's file, ``<folder>/<SOPInstanceUID>.dcm`` (made on demand: 1.79 M Path objects cost seconds)."""
-        return self.folder / f"{self.sop_instance_uid}.dcm"
+        return self.folder / f"{self.sop_instance_uid}{storage.DICOM_SUFFIX}"
 
 
 @dataclass
@@ -152,7 +153,7 @@ def _read_csv(csv_path: Path, image_root: Path) -> dict[str, RSPECTStudy]:
                     study = _new_study(csv_path, line, row)
                     studies[study.study_instance_uid] = study
                 study_values = [str(study.labels[c]) for c in STUDY_COLUMNS]
-                folder = image_root / study.study_instance_uid / study.series_instance_uid
+                folder = storage.series_folder(image_root, study.study_instance_uid, study.series_instance_uid)
             if row[1] != study.series_instance_uid:
                 raise RSPECTError(f"{csv_path}:{line}: study {row[0]} has a second series {row[1]!r} "
                                   f"(first {study.series_instance_uid}); RSPECT has one series per study")
@@ -186,7 +187,8 @@ def _check_files(study: RSPECTStudy) -> None:
         present = {entry.name for entry in os.scandir(folder)}
     except FileNotFoundError:
         raise RSPECTError(f"study {study.study_instance_uid}: folder {folder} is missing") from None
-    missing = [name for name in (f"{image.sop_instance_uid}.dcm" for image in study.images) if name not in present]
+    names = (image.sop_instance_uid + storage.DICOM_SUFFIX for image in study.images)
+    missing = [name for name in names if name not in present]
     if missing:
         raise RSPECTError(f"study {study.study_instance_uid}: {len(missing)} file(s) missing in {folder}, "
                           f"e.g. {missing[0]}")

@@ -7,26 +7,14 @@ destination overwrites the same path), so a retry after a lost response never ma
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from pe_node import storage
 from pe_node.config import DicomDestination, DicomWebDestination, FolderDestination
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """One result object to deliver: its file and UIDs."""
-
-    path: Path
-    study_instance_uid: str
-    series_instance_uid: str
-    sop_instance_uid: str
-    sop_class_uid: str
-
+from pe_node.delivery import dicomweb
+from pe_node.delivery.outgoing import Outgoing
 
 Sender = Callable[[Any, Sequence[Outgoing], str], list[str | None]]
 
@@ -49,25 +37,20 @@ def send_dicom(destination: DicomDestination, batch: Sequence[Outgoing], calling
     return errors
 
 
-def send_dicomweb(destination: DicomWebDestination, batch: Sequence[Outgoing], calling_ae_title: str) -> list[str | None]:
-    from pe_node.delivery.dicomweb import store
-
-    return store(destination, batch)
+def send_dicomweb(destination: DicomWebDestination, batch: Sequence[Outgoing],
+                  calling_ae_title: str) -> list[str | None]:
+    return dicomweb.store(destination, batch)
 
 
 def send_folder(destination: FolderDestination, batch: Sequence[Outgoing], calling_ae_title: str) -> list[str | None]:
     """Copy each file durably to ``<path>/<Study>/<Series>/<SOP>.dcm`` (temporary name, fsync, rename)."""
     errors: list[str | None] = []
     for item in batch:
-        target = Path(destination.path) / item.study_instance_uid / item.series_instance_uid / f"{item.sop_instance_uid}.dcm"
+        target = storage.instance_path(destination.path, item.study_instance_uid, item.series_instance_uid,
+                                       item.sop_instance_uid)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            with item.path.open("rb") as source, tmp.open("wb") as copy:
-                shutil.copyfileobj(source, copy)
-                copy.flush()
-                os.fsync(copy.fileno())
-            os.replace(tmp, target)
+            with item.path.open("rb") as source:
+                storage.atomic_write(target, lambda copy, source=source: shutil.copyfileobj(source, copy))
             errors.append(None)
         except OSError as exc:
             errors.append(f"cannot write {target}: {exc.strerror or exc}")

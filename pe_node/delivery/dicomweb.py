@@ -8,7 +8,7 @@ import pydicom
 import requests
 
 from pe_node.config import DicomWebDestination
-from pe_node.delivery.destinations import Outgoing
+from pe_node.delivery.outgoing import Outgoing
 
 TIMEOUT_SECONDS = 30
 

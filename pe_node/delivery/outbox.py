@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session
 
 from pe_node.config import Config
 from pe_node.db import Database, Delivery, DeliveryState, utcnow
-from pe_node.delivery.destinations import Outgoing, sender_for
+from pe_node.delivery.destinations import sender_for
+from pe_node.delivery.outgoing import Outgoing
 from pe_node.metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import logging
-import os
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +21,7 @@ from pathlib import Path
 
 from sqlalchemy import bindparam, select, text
 
+from pe_node import storage
 from pe_node.config import StorageConfig
 from pe_node.db import Database, Instance, Series, UTCDateTime, utcnow
 from pe_node.dicom.header import HeaderError, InstanceHeader, read_header
@@ -31,7 +30,6 @@ from pe_node.dicom.part10 import file_header
 log = logging.getLogger(__name__)
 
 _MB = 1024 * 1024
-_TMP_SUFFIX = ".tmp"
 _STALE_TMP_SECONDS = 3600
 
 
@@ -99,13 +97,12 @@ class Archive:
         self.db = db
         self.clock = clock
         self.root.mkdir(parents=True, exist_ok=True)
-        self._tmp_tag = f"{socket.gethostname()}.{os.getpid()}"
         self._free_checked_at = 0.0
         self._free_bytes = 0
         self._free_lock = threading.Lock()
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
+        return storage.instance_path(self.root, study_uid, series_uid, sop_uid)
 
     def store(self, request: Received) -> StoreOutcome:
         """Check, write and record one instance; the outcome's status is the C-STORE response status."""
@@ -149,7 +146,7 @@ class Archive:
             header.sop_class_uid, header.sop_instance_uid, request.transfer_syntax_uid, request.calling_ae_title
         )
         try:
-            _durable_write(path, content, request.dataset, self._tmp_tag)
+            storage.atomic_write(path, (content, request.dataset), mode=0o640)
         except OSError as exc:
             log.error("cannot write %s: %s", path, exc)
             return StoreOutcome(StoreStatus.OUT_OF_RESOURCES, f"cannot write the instance: {exc.strerror}", header)
@@ -207,18 +204,7 @@ class Archive:
 
     def remove_stale_temporaries(self, older_than_seconds: float = _STALE_TMP_SECONDS) -> int:
         """Delete temporary files left by a crash mid-write (never acknowledged, so nothing is lost)."""
-        cutoff = time.time() - older_than_seconds
-        removed = 0
-        for tmp in self.root.glob(f"*/*/.*{_TMP_SUFFIX}"):
-            try:
-                if tmp.stat().st_mtime < cutoff or tmp.name.endswith(f".{self._tmp_tag}{_TMP_SUFFIX}"):
-                    tmp.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                continue
-        if removed:
-            log.info("removed %d unacknowledged temporary files from %s", removed, self.root)
-        return removed
+        return storage.remove_stale_temporaries(self.root, "*/*", older_than_seconds)
 
 
 def _holds_dataset(path: Path, dataset: bytes) -> bool:
@@ -235,45 +221,3 @@ def _holds_dataset(path: Path, dataset: bytes) -> bool:
         return False
     meta_end = 144 + int.from_bytes(stored[140:144], "little")
     return stored[meta_end:] == dataset
-
-
-def _durable_write(path: Path, head: bytes, body: bytes, tag: str) -> None:
-    """Write to a temporary name, fsync, rename into place, fsync the directory (and any directory created)."""
-    directory = path.parent
-    if not directory.is_dir():
-        _make_durable_dirs(directory)
-    tmp = directory / f".{path.name}.{threading.get_ident()}.{tag}{_TMP_SUFFIX}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    try:
-        os.write(fd, head)
-        view = memoryview(body)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(directory)
-
-
-def _make_durable_dirs(directory: Path) -> None:
-    missing = []
-    probe = directory
-    while not probe.exists():
-        missing.append(probe)
-        probe = probe.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    for created in reversed(missing):
-        _fsync_dir(created.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

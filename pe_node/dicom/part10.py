@@ -49,6 +49,7 @@ def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: st
     return _element(0x0000, b"UL", struct.pack("<I", len(body))) + body
 
 
-def file_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae_title: str = "") -> bytes:
+def file_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str,
+                source_ae_title: str = "") -> bytes:
     """Preamble, ``DICM`` prefix and File Meta Information: prepend this to a dataset to make a Part 10 file."""
     return PREAMBLE + file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid, source_ae_title)

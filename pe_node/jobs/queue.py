@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,11 @@ class ClaimedJob:
     study_instance_uid: str
     attempt: int
     queued_seconds: float
+
+
+def worker_id() -> str:
+    """This process as a lease owner: host and pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class LeaseLost(RuntimeError):

@@ -20,8 +20,19 @@ from pathlib import Path
 from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import Session
 
+from pe_node import storage
 from pe_node.config import Config
-from pe_node.db import Database, Delivery, DeliveryState, Instance, Job, JobState, Series, SeriesState, utcnow
+from pe_node.db import (
+    Database,
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    SeriesState,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +113,13 @@ class Retention:
 
     def _delete_files(self, session: Session, series: Series) -> int:
         count = 0
-        folder = self.storage / series.study_instance_uid / series.series_instance_uid
+        folder = storage.series_folder(self.storage, series.study_instance_uid, series.series_instance_uid)
         if folder.is_dir():
             count += sum(1 for p in folder.iterdir() if p.is_file())
             shutil.rmtree(folder)
             _remove_if_empty(folder.parent)
         for job_id in session.scalars(select(Job.id).where(Job.series_id == series.id)):
-            results = self.storage / "results" / f"job-{job_id}"
+            results = storage.results_folder(self.storage, job_id)
             if results.is_dir():
                 count += sum(1 for p in results.iterdir() if p.is_file())
                 shutil.rmtree(results)

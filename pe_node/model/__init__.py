@@ -17,11 +17,23 @@ from pe_node.model.checkpoint import (
 from pe_node.model.cnn_lstm import ModelConfig, PEModel
 from pe_node.model.consistency import ConsistentOutput, check, make_consistent
 from pe_node.model.encoder import SliceEncoder, SliceLogits
-from pe_node.model.factory import DEFAULT_MODEL, create_model, list_models, model_config, register_model
+from pe_node.model.factory import (
+    DEFAULT_MODEL,
+    create_model,
+    list_models,
+    model_config,
+    register_model,
+)
 from pe_node.model.folding import fold_batchnorm
 from pe_node.model.loss import rsna_loss, slice_loss
 from pe_node.model.predictor import Predictor, cpu_has_fast_bf16, resolve_device
-from pe_node.model.preprocess import CropBox, CropMode, PreprocessConfig, plan_crop, preprocess_slices
+from pe_node.model.preprocess import (
+    CropBox,
+    CropMode,
+    PreprocessConfig,
+    plan_crop,
+    preprocess_slices,
+)
 from pe_node.model.sequence import Pooling, SequenceModel, SequenceOutput
 
 __all__ = [

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
-import secrets
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pe_node import __version__
+from pe_node import __version__, storage
 from pe_node.findings import EXAM_LABELS, IMAGE_LABEL
 from pe_node.model.cnn_lstm import ModelConfig, PEModel
 from pe_node.model.factory import create_model, model_config
@@ -99,28 +97,12 @@ def save_checkpoint(
 
 
 def save_atomically(contents: Any, path: str | Path) -> Path:
-    """``torch.save`` to a new file beside ``path``, then rename it over ``path``: a crash never leaves half a file.
+    """``torch.save`` to ``path`` durably (``pe_node.storage.atomic_write``): a crash never leaves half a file.
 
-    The file gets the permissions of any new file under the umask (usually 0644): ``tempfile.mkstemp`` makes them
-    0600, and a checkpoint exported by one user would then not load in a pe-node service running as another.
+    The file gets the permissions of any new file under the umask (usually 0644), so a checkpoint exported by one
+    user loads in a pe-node service running as another.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
-        try:
-            stream = open(tmp, "xb")  # noqa: SIM115 (closed below, once written)
-        except FileExistsError:
-            continue
-        break
-    try:
-        with stream:
-            torch.save(contents, stream)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return storage.atomic_write(path, lambda stream: torch.save(contents, stream))
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:

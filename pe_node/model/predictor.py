@@ -32,7 +32,12 @@ from pe_node.model.cnn_lstm import PEModel
 from pe_node.model.consistency import make_consistent
 from pe_node.model.encoder import SliceEncoder
 from pe_node.model.folding import fold_batchnorm
-from pe_node.model.preprocess import CropBox, PreprocessConfig, plan_crop, preprocess_slices
+from pe_node.model.preprocess import (
+    CropBox,
+    PreprocessConfig,
+    plan_crop,
+    preprocess_slices,
+)
 from pe_node.model.runtime import onnx_embedder
 from pe_node.pipeline.series import CTSeries
 

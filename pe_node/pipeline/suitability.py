@@ -109,7 +109,8 @@ def _mediastinum(slice_hu: np.ndarray) -> np.ndarray | None:
         return None
     top, height = rows[0], rows[-1] - rows[0]
     left, width = cols[0], cols[-1] - cols[0]
-    window = slice_hu[top + int(0.2 * height): top + int(0.65 * height), left + int(0.3 * width): left + int(0.7 * width)]
+    rows_in = slice(top + int(0.2 * height), top + int(0.65 * height))
+    window = slice_hu[rows_in, left + int(0.3 * width): left + int(0.7 * width)]
     if window.shape[0] < 3 or window.shape[1] < 3:
         return None
     smooth = window.astype(np.float32)

@@ -11,9 +11,18 @@ import pytest
 from sqlalchemy import select
 
 from pe_node.config import Config, load_config
-from pe_node.db import Database, Delivery, DeliveryState, Job, JobState, Series, SeriesState, utcnow
-from pe_node.delivery.destinations import Outgoing
+from pe_node.db import (
+    Database,
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    Series,
+    SeriesState,
+    utcnow,
+)
 from pe_node.delivery.outbox import Outbox, enqueue, resend_job
+from pe_node.delivery.outgoing import Outgoing
 from tests.dicom_factory import write_ct_series
 from tests.integration.conftest import needs_dcmtk
 from tests.peers import Orthanc, StoreSCP, free_port

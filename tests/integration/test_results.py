@@ -16,7 +16,16 @@ import pytest
 
 from tests.dicom_factory import make_ct_dataset, phantom_slice, write_ct_series
 from tests.integration.conftest import needs_dcmtk, needs_dicom3tools, needs_orthanc
-from tests.peers import NodeProcess, Orthanc, StoreSCP, free_port, kill_mid_job, node_config, run_dcmtk, wait_until
+from tests.peers import (
+    NodeProcess,
+    Orthanc,
+    StoreSCP,
+    free_port,
+    kill_mid_job,
+    node_config,
+    run_dcmtk,
+    wait_until,
+)
 
 pytestmark = needs_dcmtk
 

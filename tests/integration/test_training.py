@@ -17,19 +17,25 @@ import pytest
 import torch
 import yaml
 
-from pe_node.model import Predictor, check, cpu_has_fast_bf16, create_model, load_checkpoint
+from pe_node.model import (
+    Predictor,
+    check,
+    cpu_has_fast_bf16,
+    create_model,
+    load_checkpoint,
+)
 from pe_node.model.checkpoint import file_sha256
 from pe_node.pipeline.series import load_series
-from training.cache import Cache, training_share
 from training.cli import main
 from training.config import Stage1Config
-from training.distributed import Processes
-from training.export import stage1_record
-from training.features import FeatureSet
-from training.loop import Optimization
+from training.fitting.cache import Cache, training_share
+from training.fitting.distributed import Processes
+from training.fitting.export import stage1_record
+from training.fitting.features import FeatureSet
+from training.fitting.loop import Optimization
+from training.fitting.stage1 import mine_hard_negatives, validate_encoder
+from training.fitting.state import StateError, load_state, save_state
 from training.rspect import read_rspect
-from training.stage1 import mine_hard_negatives, validate_encoder
-from training.state import StateError, load_state, save_state
 
 CONFIG = {
     "seed": 0,

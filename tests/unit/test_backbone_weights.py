@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from pe_node.model import SliceEncoder
-from training import backbone
-from training.backbone import BackboneWeightsError, load_backbone_weights
+from training.fitting import backbone
+from training.fitting.backbone import BackboneWeightsError, load_backbone_weights
 
 
 def _imagenet_like(seed: int) -> dict[str, torch.Tensor]:

@@ -12,7 +12,12 @@ import torch
 
 from pe_node import __version__
 from pe_node.findings import EXAM_LABELS, IMAGE_LABEL
-from pe_node.model import CheckpointError, PreprocessConfig, load_checkpoint, save_checkpoint
+from pe_node.model import (
+    CheckpointError,
+    PreprocessConfig,
+    load_checkpoint,
+    save_checkpoint,
+)
 from pe_node.model.checkpoint import file_sha256, save_atomically
 from tests.tiny_models import TINY_PREPROCESS, tiny_model
 

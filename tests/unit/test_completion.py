@@ -13,7 +13,7 @@ from pe_node.jobs.completion import is_eligible, sweep
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SR = "1.2.840.10008.5.1.4.1.1.88.33"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 RULES = SeriesConfig(quiet_seconds=5, min_instances=3, modalities=["CT"])
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from pe_node.model import save_checkpoint
 from tests.tiny_models import TINY_PREPROCESS, tiny_model
-from training.export import SOURCE_COMMIT_VARIABLE, source_code, stage1_record
-from training.state import load_state
+from training.fitting.export import SOURCE_COMMIT_VARIABLE, source_code, stage1_record
+from training.fitting.state import load_state
 
 REPO = Path(__file__).resolve().parents[2]
 

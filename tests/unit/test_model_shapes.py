@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from pe_node.findings import EXAM_LABELS
-from pe_node.model import SequenceModel, create_model, list_models, model_config, rsna_loss, slice_loss
+from pe_node.model import (
+    SequenceModel,
+    create_model,
+    list_models,
+    model_config,
+    rsna_loss,
+    slice_loss,
+)
 from tests.tiny_models import TINY_MODEL, tiny_model
 
 FEATURES = 24

@@ -12,10 +12,14 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from pe_node.findings import IMAGE_LABEL
-from training.anatomy import TubeKind
-from training.ctimage import SeriesEncoder, series_dataset, slice_dataset, to_stored
-from training.lesions import EMBOLUS_VISIBLE_MM2, covered_pixels
-from training.phantoms import (
+from training.phantoms.anatomy import TubeKind
+from training.phantoms.ctimage import (
+    SeriesEncoder,
+    series_dataset,
+    slice_dataset,
+    to_stored,
+)
+from training.phantoms.generator import (
     ExamClass,
     PhantomSummary,
     exam_class,
@@ -26,6 +30,7 @@ from training.phantoms import (
     slice_geometry,
     slice_range,
 )
+from training.phantoms.lesions import EMBOLUS_VISIBLE_MM2, covered_pixels
 from training.rspect import RSPECT_COLUMNS, STUDY_COLUMNS, check_labels
 
 SEED = 3
@@ -190,7 +195,7 @@ def test_dicom_files_are_ct_images_with_plausible_hounsfield_units(phantom_set: 
         assert ds.PatientName and ds.PatientID and ds.StudyDate and ds.FrameOfReferenceUID
         assert ds.ImageType == ["ORIGINAL", "PRIMARY", "AXIAL"] and ds.BodyPartExamined == "CHEST"
         hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-        assert -2048 <= hu.min() and hu.max() <= 3071
+        assert hu.min() >= -2048 and hu.max() <= 3071
         positions.append(float(ds.ImagePositionPatient[2]))
         assert int(ds.InstanceNumber) == plan.instance_numbers[i]
     steps = np.diff(positions)

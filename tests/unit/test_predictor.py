@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 from pe_node.findings import EXAM_LABELS
-from pe_node.model import Predictor, PreprocessConfig, check, cpu_has_fast_bf16, plan_crop, preprocess_slices
+from pe_node.model import (
+    Predictor,
+    PreprocessConfig,
+    check,
+    cpu_has_fast_bf16,
+    plan_crop,
+    preprocess_slices,
+)
 from pe_node.model.checkpoint import file_sha256
 from pe_node.pipeline.series import CTSeries, SliceRef, load_series
 from tests.dicom_factory import phantom_volume

@@ -11,7 +11,7 @@ from pe_node.config import WorkerConfig
 from pe_node.db import Database, Job, JobState, Series, SeriesState
 from pe_node.jobs.queue import JobQueue, LeaseLost, requeue_expired
 
-T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 CONFIG = WorkerConfig(lease_seconds=60, max_attempts=2)
 
 

@@ -6,10 +6,21 @@ import numpy as np
 import pytest
 
 from pe_node.findings import EXAM_LABELS, ExamLabel, Prediction
-from pe_node.reporting import AlgorithmInfo, ExamResult, NotAnalysed, NotAnalysedReason, ReportOptions
+from pe_node.reporting import (
+    AlgorithmInfo,
+    ExamResult,
+    NotAnalysed,
+    NotAnalysedReason,
+    ReportOptions,
+)
 from pe_node.reporting.capture import patient_orientation
 from pe_node.reporting.codes import ClinicalCourse
-from pe_node.reporting.outcome import clinical_course, exam_probability, exam_result, positive_slices
+from pe_node.reporting.outcome import (
+    clinical_course,
+    exam_probability,
+    exam_result,
+    positive_slices,
+)
 from pe_node.reporting.report import key_slices
 
 

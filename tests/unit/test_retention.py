@@ -8,10 +8,19 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from pe_node.config import load_config
-from pe_node.db import Database, Delivery, DeliveryState, Instance, Job, JobState, Series, SeriesState
+from pe_node.db import (
+    Database,
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    SeriesState,
+)
 from pe_node.jobs.retention import Retention
 
-NOW = dt.datetime(2026, 6, 1, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
 
 
 def add(db: Database, storage: Path, uid: str, *, age_days: float, state: SeriesState = SeriesState.COMPLETE,

@@ -8,8 +8,14 @@ from pathlib import Path
 import pytest
 
 from pe_node.findings import EXAM_LABELS, IMAGE_LABEL
-from training.phantoms import generate, plan_study
-from training.rspect import RSPECT_COLUMNS, STUDY_COLUMNS, RSPECTError, check_labels, read_rspect
+from training.phantoms.generator import generate, plan_study
+from training.rspect import (
+    RSPECT_COLUMNS,
+    STUDY_COLUMNS,
+    RSPECTError,
+    check_labels,
+    read_rspect,
+)
 
 SEED = 5
 

@@ -19,7 +19,7 @@ from pe_node.model import Predictor, check, load_checkpoint
 from pe_node.pipeline.series import load_series
 from pe_node.reporting.outcome import exam_probability
 from training.config import TrainConfig, load_train_config
-from training.phantoms import ExamClass, exam_class, plan_study, write_study
+from training.phantoms.generator import ExamClass, exam_class, plan_study, write_study
 
 REPO = Path(__file__).resolve().parents[2]
 CHECKPOINT = REPO / "models" / "pe-demo.pt"

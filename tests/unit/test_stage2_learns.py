@@ -1,7 +1,7 @@
 """Stage 2 learns a study's PE from slice embeddings that carry it: the positive control of the sequence model.
 
 With ``study_norm`` (layer normalization of the pooled study features) the model, the RSNA loss and the padding of
-``training.data`` learn PE when the embeddings of the positive slices stand out. Without it the exam head first
+``training.fitting.data`` learn PE when the embeddings of the positive slices stand out. Without it the exam head first
 learns the features' common part, and positive studies, whose features are larger, score as more negative: on
 small models and weak signals that inverted state lasts (``pe_node.model.sequence``; models/README.md).
 """
@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from pe_node.findings import EXAM_LABELS
 from pe_node.model import SequenceModel, rsna_loss
-from training.data import pad_studies
+from training.fitting.data import pad_studies
 
 DIM = 16
 NEGATIVE = EXAM_LABELS.index("negative_exam_for_pe")

@@ -9,7 +9,11 @@ import pydicom
 import pytest
 
 from pe_node.pipeline.series import CTSeries, SliceRef
-from pe_node.pipeline.suitability import SuitabilityRules, check_suitability, mediastinal_enhancement
+from pe_node.pipeline.suitability import (
+    SuitabilityRules,
+    check_suitability,
+    mediastinal_enhancement,
+)
 from pe_node.reporting.outcome import NotAnalysedReason
 from tests.dicom_factory import phantom_volume
 

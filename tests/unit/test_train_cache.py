@@ -13,7 +13,8 @@ import torch
 
 from pe_node.model import PreprocessConfig, plan_crop, preprocess_slices
 from pe_node.pipeline.series import load_series
-from training.cache import (
+from training.config import DataConfig
+from training.fitting.cache import (
     QUANTISATION_TOLERANCE,
     Cache,
     CachedStudy,
@@ -22,7 +23,6 @@ from training.cache import (
     prepare,
     training_share,
 )
-from training.config import DataConfig
 from training.rspect import read_rspect
 
 PREPROCESS = PreprocessConfig(size=48, crop="body")

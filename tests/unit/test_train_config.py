@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from training.cli import _overrides, build_parser, main
-from training.config import TrainConfig, TrainConfigError, load_train_config, parse_override, save_train_config
+from training.config import (
+    TrainConfig,
+    TrainConfigError,
+    load_train_config,
+    parse_override,
+    save_train_config,
+)
 
 
 def test_defaults_are_the_papers_model_at_256_px_with_a_body_crop() -> None:

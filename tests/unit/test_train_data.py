@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from pe_node.findings import EXAM_LABELS
-from training.augment import augment
-from training.cache import CachedStudy
 from training.config import Stage1Config
-from training.data import epoch_batches, pad_studies, position_profile
-from training.distributed import Processes, shard
-from training.stage1 import validation_slices
+from training.fitting.augment import augment
+from training.fitting.cache import CachedStudy
+from training.fitting.data import epoch_batches, pad_studies, position_profile
+from training.fitting.distributed import Processes, shard
+from training.fitting.stage1 import validation_slices
 
 LABELS = {label: 0 for label in ("negative_exam_for_pe", "qa_motion", "qa_contrast", "flow_artifact",
                                  "rv_lv_ratio_gte_1", "rv_lv_ratio_lt_1", "leftsided_pe", "chronic_pe",

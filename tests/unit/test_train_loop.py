@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from training import loop
 from training.config import Stage1Config, TrainConfig
-from training.distributed import Processes
-from training.state import TrainState, load_state
+from training.fitting import loop
+from training.fitting.distributed import Processes
+from training.fitting.state import TrainState, load_state
 
 ALONE = Processes(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

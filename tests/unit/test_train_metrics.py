@@ -10,19 +10,17 @@ import torch
 
 from pe_node.findings import EXAM_LABELS, EXAM_WEIGHTS, IMAGE_LABEL, IMAGE_WEIGHT
 from pe_node.model import rsna_loss
-from training.cache import CachedStudy
-from training.evaluate import (
+from training.evaluation.evaluate import (
     BASELINE_CNN,
     BASELINE_MEAN,
     FULL,
     TITLES,
-    Predictions,
     _consistent,
     bootstrap,
     by_kind,
     node_reading,
 )
-from training.metrics import (
+from training.evaluation.metrics import (
     accuracy,
     auc,
     constant_predictions,
@@ -33,7 +31,9 @@ from training.metrics import (
     rsna_log_loss_terms,
     stratified_resamples,
 )
-from training.report import write_report
+from training.evaluation.predictions import Predictions
+from training.evaluation.report import write_report
+from training.fitting.cache import CachedStudy
 
 
 def test_auc_counts_the_correctly_ordered_pairs() -> None:

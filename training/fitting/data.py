@@ -12,9 +12,9 @@ heart that comes with emboli, say) says nothing about its label, and only what s
 the rest of the scan (where a study-level maximum finds its false positives) is not unseen. ``chronic_repeats``
 takes the positive slices of chronic-labelled studies that many times (each draw augmented on its own).
 ``hard_negatives`` adds the slices of studies without emboli that the current weights score highest, mined by stage 1
-before the epoch (``training.stage1.mine_hard_negatives``) and passed in as ``hard``. The plan of an epoch depends
-only on (seed, epoch) and those mined slices, which the weights the epoch starts from fix, so a resumed run and a run
-on several processes see the same batches.
+before the epoch (``training.fitting.stage1.mine_hard_negatives``) and passed in as ``hard``. The plan of an epoch
+depends only on (seed, epoch) and those mined slices, which the weights the epoch starts from fix, so a resumed run and
+a run on several processes see the same batches.
 
 Stage 2 reads whole studies: embeddings [T, D] of different lengths, padded at the end into [B, T, D] with a mask
 that is True on real slices, the layout ``pe_node.model.SequenceModel`` and ``rsna_loss`` take.
@@ -31,9 +31,9 @@ import torch
 from torch.utils.data import Dataset
 
 from pe_node.findings import EXAM_LABELS
-from training.cache import Cache, CachedStudy
 from training.config import Stage1Config
-from training.features import FeatureSet
+from training.fitting.cache import Cache, CachedStudy
+from training.fitting.features import FeatureSet
 
 _EPOCH_STREAM = 11
 _PROFILE_BINS = 20

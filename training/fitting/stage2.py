@@ -21,15 +21,15 @@ from tqdm import tqdm
 
 from pe_node.model import SequenceModel, create_model, rsna_loss
 from pe_node.model.checkpoint import file_sha256
-from training.cache import CachedStudy, training_share
 from training.config import TrainConfig, TrainConfigError
-from training.data import StudyEmbeddings, pad_studies
-from training.distributed import Processes, shard
-from training.export import source_code
-from training.features import FeatureSet
-from training.loop import Optimization, fit
-from training.metrics import auc, pe_score, rsna_log_loss
-from training.state import TrainState, load_state
+from training.evaluation.metrics import auc, pe_score, rsna_log_loss
+from training.fitting.cache import CachedStudy, training_share
+from training.fitting.data import StudyEmbeddings, pad_studies
+from training.fitting.distributed import Processes, shard
+from training.fitting.export import source_code
+from training.fitting.features import FeatureSet
+from training.fitting.loop import Optimization, fit
+from training.fitting.state import TrainState, load_state
 
 logger = logging.getLogger(__name__)
 

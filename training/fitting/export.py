@@ -18,7 +18,7 @@ from typing import Any
 
 from pe_node.model import PreprocessConfig, load_checkpoint, save_checkpoint
 from pe_node.model.checkpoint import file_sha256
-from training.state import StateError, TrainState, build_model, load_state
+from training.fitting.state import StateError, TrainState, build_model, load_state
 
 logger = logging.getLogger(__name__)
 

@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from pe_node import storage
 from pe_node.model import Predictor
 from pe_node.model.checkpoint import file_sha256
-from training.cache import Cache, CachedStudy
-from training.distributed import Processes, shard
-from training.state import build_model, load_state, write_json
+from training.fitting.cache import Cache, CachedStudy
+from training.fitting.distributed import Processes, shard
+from training.fitting.state import build_model, load_state, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -130,9 +130,7 @@ def _embed_study(predictor: Predictor, cache: Cache, study: CachedStudy, out: Pa
         stop = min(start + _STEP, study.slices)
         embeddings[start:stop] = predictor.embed_inputs(cache.inputs(study, slice(start, stop))).cpu().numpy()
     path = _path(out, study)
-    partial = path.with_name(path.name + ".partial.npy")
-    np.save(partial, embeddings)
-    os.replace(partial, path)
+    storage.atomic_write(path, lambda stream: np.save(stream, embeddings))
 
 
 def _previous_index(out: Path) -> dict[str, Any] | None:

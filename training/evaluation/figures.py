@@ -24,8 +24,8 @@ from pe_node.findings import EXAM_LABELS, IMAGE_LABEL  # noqa: E402
 from pe_node.reporting.overlay import PE_WINDOW, blend, window  # noqa: E402
 
 if TYPE_CHECKING:
-    from training.cache import CachedStudy
-    from training.evaluate import Predictions
+    from training.evaluation.predictions import Predictions
+    from training.fitting.cache import CachedStudy
 
 _CLASS_COLOURS = {"negative": "tab:blue", "positive": "tab:red", "indeterminate": "tab:gray"}
 _DPI = 110

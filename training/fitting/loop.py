@@ -28,8 +28,14 @@ from torch import nn
 
 from pe_node.model import cpu_has_fast_bf16
 from training.config import OptimConfig, TrainConfig, save_train_config
-from training.distributed import Processes
-from training.state import StateError, TrainState, load_state, save_state, write_json
+from training.fitting.distributed import Processes
+from training.fitting.state import (
+    StateError,
+    TrainState,
+    load_state,
+    save_state,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -23,13 +23,13 @@ trained again, on other studies, behind a stage 1 that was exported long ago.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pe_node import storage
 from pe_node.model import PEModel, create_model, load_checkpoint
 from pe_node.model.checkpoint import CHECKPOINT_FORMAT, CheckpointError, save_atomically
 
@@ -127,12 +127,8 @@ def _stage1_of_checkpoint(path: Path) -> TrainState:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
-    """Write ``data`` as indented JSON, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
-    os.replace(partial, path)
-    return path
+    """Write ``data`` as indented JSON, durably (``pe_node.storage.atomic_write``)."""
+    return storage.atomic_write(path, (json.dumps(data, indent=2, allow_nan=True) + "\n").encode())
 
 
 def build_model(stage1: TrainState, stage2: TrainState | None = None) -> PEModel:

@@ -4,8 +4,8 @@
 ``out/train/<Study>/<Series>/<SOP>.dcm``: CT Image Storage, Explicit VR Little Endian, int16 with RescaleIntercept
 -1024, axial slices from the lung apices to the bases.
 
-Each study is one drawn patient (``training.anatomy``) with or without emboli and mimics (``training.lesions``),
-scanned with its own contrast bolus, noise and motion:
+Each study is one drawn patient (``training.phantoms.anatomy``) with or without emboli and mimics
+(``training.phantoms.lesions``), scanned with its own contrast bolus, noise and motion:
 
 - Prevalence follows RSPECT: studies are dealt in blocks of 40, 27 negative, 12 positive and 1 indeterminate
   (67.5 / 30 / 2.5 %); the first three studies of every block are one of each class in shuffled order, so any run of
@@ -24,7 +24,7 @@ scanned with its own contrast bolus, noise and motion:
 
 Pixel spacing is 0.6-0.9 mm at ``size`` 512 (a field of view of 307-461 mm that fits the body); other sizes keep the
 field of view. Slice thickness is 1-2.5 mm; the slices run up or down the patient, and InstanceNumber follows the
-scan (70 %), runs against it (15 %) or is shuffled (15 %). Files are encoded by ``training.ctimage``.
+scan (70 %), runs against it (15 %) or is shuffled (15 %). Files are encoded by ``training.phantoms.ctimage``.
 
 Everything is drawn from numpy generators seeded by (seed, study index) and (seed, study index, slice), and no clock
 is read, so a seed gives byte-identical files, studies can be made in parallel, and ``studies=N+1`` repeats the N
@@ -49,10 +49,16 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from pe_node import storage
 from pe_node.findings import IMAGE_LABEL
-from training.anatomy import Chest, Enhancement, Grid, build_chest
-from training.ctimage import SeriesEncoder, SliceGeometry, series_dataset, to_stored
-from training.lesions import (
+from training.phantoms.anatomy import Chest, Enhancement, Grid, build_chest
+from training.phantoms.ctimage import (
+    SeriesEncoder,
+    SliceGeometry,
+    series_dataset,
+    to_stored,
+)
+from training.phantoms.lesions import (
     EmbolusSite,
     Lesion,
     LesionKind,
@@ -410,7 +416,7 @@ def write_study(plan: StudyPlan, images: Path) -> list[list[object]]:
                             thickness=plan.slice_thickness)
     encoder = SeriesEncoder(series)
     study, series_uid = series.StudyInstanceUID, series.SeriesInstanceUID
-    folder = images / study / series_uid
+    folder = storage.series_folder(images, study, series_uid)
     folder.mkdir(parents=True, exist_ok=True)
     study_values = [plan.labels[c] for c in STUDY_COLUMNS]
     rows = []
@@ -419,7 +425,8 @@ def write_study(plan: StudyPlan, images: Path) -> list[list[object]]:
         if plan.pe_present[i] and not rendered.embolus.any():
             raise RuntimeError(f"study {plan.index} slice {i}: pe_present_on_image without an embolus drawn")
         sop = _uid(plan.seed, plan.index, "image", i)
-        (folder / f"{sop}.dcm").write_bytes(encoder.encode(sop, slice_geometry(plan, i), to_stored(rendered.hu)))
+        encoded = encoder.encode(sop, slice_geometry(plan, i), to_stored(rendered.hu))
+        storage.instance_path(images, study, series_uid, sop).write_bytes(encoded)
         rows.append([study, series_uid, sop, int(plan.pe_present[i]), *study_values])
     return rows
 
@@ -489,13 +496,11 @@ def generate(out: Path, studies: int, seed: int, slices: tuple[int, int] = DEFAU
             pool.join()
     if progress:
         print(file=sys.stderr)
-    partial = table.with_suffix(".csv.partial")
-    with open(partial, "w", newline="") as stream:
+    with storage.replacing(table) as partial, open(partial, "w", newline="") as stream:
         writer = csv.writer(stream, lineterminator="\n")
         writer.writerow(RSPECT_COLUMNS)
         for result in results:
             writer.writerows(result.rows)
-    os.replace(partial, table)
     classes = [r.exam_class for r in results]
     return PhantomSummary(
         out=out, studies=studies, negative=classes.count(ExamClass.NEGATIVE),
@@ -547,7 +552,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main_phantoms(argv: list[str] | None = None) -> int:
-    """``pe-train phantoms`` on its own (``python -m training.phantoms``): the same arguments and exit statuses."""
+    """``pe-train phantoms`` on its own (``python -m training.phantoms.generator``): the same arguments and exits."""
     parser = argparse.ArgumentParser(prog="pe-train phantoms", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

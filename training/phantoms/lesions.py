@@ -26,7 +26,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.anatomy import Chest, Ellipsoid, Grid, LumenFrame, TubeKind, Tubes, lumen_frame
+from training.phantoms.anatomy import (
+    Chest,
+    Ellipsoid,
+    Grid,
+    LumenFrame,
+    TubeKind,
+    Tubes,
+    lumen_frame,
+)
 
 # A mimic counts as visible on a slice where it changes some pixel by this share of the way to its own HU.
 MIMIC_VISIBLE_WEIGHT = 0.35

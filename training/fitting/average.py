@@ -24,13 +24,19 @@ import torch
 
 from pe_node.model import resolve_device
 from pe_node.model.checkpoint import file_sha256
-from training.cache import Cache
 from training.config import TrainConfig, TrainConfigError
-from training.distributed import Processes
-from training.export import source_code, stage1_record
-from training.loop import Optimization
-from training.stage1 import validate_encoder
-from training.state import TrainState, build_model, load_state, save_state, write_json
+from training.fitting.cache import Cache
+from training.fitting.distributed import Processes
+from training.fitting.export import source_code, stage1_record
+from training.fitting.loop import Optimization
+from training.fitting.stage1 import validate_encoder
+from training.fitting.state import (
+    TrainState,
+    build_model,
+    load_state,
+    save_state,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -113,7 +113,7 @@ def _reading_section(metrics: dict[str, Any]) -> list[str]:
 
 
 KIND_TITLES = {"acute": "acute PE only", "chronic": "chronic PE only", "acute_and_chronic": "acute and chronic PE"}
-"""The kinds of positive study of ``training.evaluate.by_kind``, as the report names them."""
+"""The kinds of positive study of ``training.evaluation.evaluate.by_kind``, as the report names them."""
 
 
 def _kind_section(metrics: dict[str, Any]) -> list[str]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +32,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pe_node import __version__
+from pe_node import __version__, storage
 from pe_node.findings import EXAM_LABELS, IMAGE_LABEL
 from pe_node.model import PreprocessConfig, plan_crop, preprocess_slices
 from pe_node.pipeline.series import SeriesError, load_series
 from training.config import SPLITS, DataConfig
+from training.fitting.state import write_json
 from training.rspect import STUDY_COLUMNS, RSPECTStudy, read_rspect
 
 logger = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ def prepare(
     (cache_root / "studies").mkdir(parents=True, exist_ok=True)
     if (cache_root / "index.json").exists():
         _check_same(cache_root, _read_index(cache_root), index)
-    _write_json(cache_root / "index.json", index)
+    write_json(cache_root / "index.json", index)
     todo = [study for uid, study in studies.items() if not _study_paths(cache_root, uid)[1].is_file()]
     logger.info("prepare %s: %d studies, %d cached already, %d to do", data_root, len(studies),
                 len(studies) - len(todo), len(todo))
@@ -267,7 +267,7 @@ def prepare(
             logger.warning("study %s not cached: %s", uid, error)
             failed[uid] = error
     index["failed"] = failed
-    _write_json(cache_root / "index.json", index)
+    write_json(cache_root / "index.json", index)
     return Cache.open(cache_root)
 
 
@@ -281,17 +281,17 @@ def cache_study(study: RSPECTStudy, cache_root: Path, preprocess: PreprocessConf
     image_labels = np.array([by_uid[uid] for uid in series.sop_instance_uids], dtype=np.int8)
     box = plan_crop(series.hu, preprocess)
     array_path, sidecar = _study_paths(cache_root, study.study_instance_uid)
-    partial = array_path.with_name(array_path.name + ".partial")
-    stored = np.lib.format.open_memmap(
-        partial, mode="w+", dtype=np.uint8, shape=(len(series), 3, preprocess.size, preprocess.size)
-    )
-    with torch.inference_mode():
-        for start in range(0, len(series), _CHUNK):
-            chunk = torch.from_numpy(series.hu[start : start + _CHUNK])
-            stored[start : start + len(chunk)] = quantise(preprocess_slices(chunk, preprocess, box), preprocess).numpy()
-    stored.flush()
-    del stored
-    os.replace(partial, array_path)
+    with storage.replacing(array_path) as partial:
+        stored = np.lib.format.open_memmap(
+            partial, mode="w+", dtype=np.uint8, shape=(len(series), 3, preprocess.size, preprocess.size)
+        )
+        with torch.inference_mode():
+            for start in range(0, len(series), _CHUNK):
+                chunk = torch.from_numpy(series.hu[start : start + _CHUNK])
+                stored[start : start + len(chunk)] = quantise(preprocess_slices(chunk, preprocess, box),
+                                                              preprocess).numpy()
+        stored.flush()
+        del stored
     record = CachedStudy(
         study_instance_uid=study.study_instance_uid,
         series_instance_uid=series.series_instance_uid,
@@ -301,7 +301,7 @@ def cache_study(study: RSPECTStudy, cache_root: Path, preprocess: PreprocessConf
         sop_instance_uids=tuple(series.sop_instance_uids),
         crop=(box.top, box.left, box.side) if box else None,
     )
-    _write_json(sidecar, record.to_json())
+    write_json(sidecar, record.to_json())
     return record
 
 
@@ -369,9 +369,3 @@ def _check_same(root: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
                 f"cache {root} was made with {key} {old.get(key)!r}, this run asks for {new[key]!r}; "
                 "use another cache folder or the same settings"
             )
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=1))
-    os.replace(partial, path)

@@ -23,18 +23,24 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pe_node.model import PEModel, PreprocessConfig, SliceEncoder, create_model, slice_loss
+from pe_node.model import (
+    PEModel,
+    PreprocessConfig,
+    SliceEncoder,
+    create_model,
+    slice_loss,
+)
 from pe_node.model.checkpoint import file_sha256
-from training.augment import augment
-from training.backbone import load_backbone_weights
-from training.cache import Cache, CachedStudy, to_input, training_share
 from training.config import Stage1Config, TrainConfig, TrainConfigError
-from training.data import SliceBatches, epoch_batches
-from training.distributed import Processes, shard
-from training.export import source_code, stage1_record
-from training.loop import Optimization, fit
-from training.metrics import auc
-from training.state import StateError, TrainState, load_state
+from training.evaluation.metrics import auc
+from training.fitting.augment import augment
+from training.fitting.backbone import load_backbone_weights
+from training.fitting.cache import Cache, CachedStudy, to_input, training_share
+from training.fitting.data import SliceBatches, epoch_batches
+from training.fitting.distributed import Processes, shard
+from training.fitting.export import source_code, stage1_record
+from training.fitting.loop import Optimization, fit
+from training.fitting.state import StateError, TrainState, load_state
 
 logger = logging.getLogger(__name__)
 

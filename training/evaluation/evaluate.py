@@ -14,13 +14,12 @@ the constant-prediction baseline (training prevalences, from the stage-2 checkpo
 ``evaluate.bootstrap`` resamples (default 2000), 95 % intervals of the study PE AUC and the log loss, and the full
 model's paired differences from each baseline. Each kind of positive study (acute only, chronic only, acute and
 chronic) is also scored on its own against the studies without PE (``by_kind``).
-Figures and the markdown summary are drawn by ``training.figures`` and ``training.report``.
+Figures and the markdown summary are drawn by ``training.evaluation.figures`` and ``training.evaluation.report``.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +33,15 @@ from pe_node.model import PEModel, Predictor, PreprocessConfig, check, make_cons
 from pe_node.model.checkpoint import file_sha256
 from pe_node.pipeline.series import load_series
 from pe_node.reporting.outcome import ExamResult, exam_probability, exam_result
-from training.cache import CachedStudy
 from training.config import EvaluateConfig
-from training.ctimage import MANUFACTURER
-from training.features import FeatureSet
-from training.figures import CamExample, draw_cam, draw_roc_labels, draw_roc_models, draw_tsne
-from training.metrics import (
+from training.evaluation.figures import (
+    CamExample,
+    draw_cam,
+    draw_roc_labels,
+    draw_roc_models,
+    draw_tsne,
+)
+from training.evaluation.metrics import (
     accuracy,
     auc,
     constant_predictions,
@@ -50,9 +52,13 @@ from training.metrics import (
     rsna_log_loss_terms,
     stratified_resamples,
 )
-from training.report import write_report
+from training.evaluation.predictions import Predictions
+from training.evaluation.report import write_report
+from training.fitting.cache import CachedStudy
+from training.fitting.features import FeatureSet
+from training.fitting.state import TrainState, build_model, load_state, write_json
+from training.phantoms.ctimage import MANUFACTURER
 from training.rspect import RSPECTError, RSPECTStudy, read_rspect
-from training.state import TrainState, build_model, load_state, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -68,23 +74,6 @@ MIN_STUDIES = 4
 
 READINGS = {ExamResult.POSITIVE: "present", ExamResult.NEGATIVE: "absent", ExamResult.INDETERMINATE: "undetermined"}
 """How pe-node's report reads an exam (the SR's PE finding), by the name the evaluation gives each reading."""
-
-
-@dataclass
-class Predictions:
-    """One model's outputs on the evaluated studies, raw and label-consistent, in study order; ``reading`` and
-    ``reported`` are what pe-node's report would say of each study (the reading and the PE probability it gives)."""
-
-    exam_raw: np.ndarray
-    image_raw: list[np.ndarray]
-    exam: np.ndarray
-    image: list[np.ndarray]
-    pe: np.ndarray
-    violations: int
-    reading: list[str]
-    reported: np.ndarray
-    study_features: np.ndarray | None = None
-    attention: list[np.ndarray] | None = None
 
 
 def evaluate(
