@@ -23,6 +23,8 @@ from pe_node import storage
 from pe_node.config import Config, FolderDestination, load_config
 from pe_node.db import Database, Delivery, DeliveryState, Job, JobState, Series
 from pe_node.dicom.scu import Peer, send_files
+from pe_node.findings import THRESHOLD, ExamResult, clinical_course
+from pe_node.jobs.result import JobResult
 
 SLICES = (100, 120)
 SIZE = 512
@@ -110,21 +112,22 @@ def describe(job: dict[str, Any], config: Config, work: Path) -> str:
     """The findings and the files, as a reader would want them."""
     if job["state"] != "done":
         return f"job {job['id']} failed: {job['error']}"
-    result = job["result"]
-    if result["outcome"] == "not_analysed":
-        return f"not analysed: {result['detail']}"
-    exam = result["exam"]
+    result = JobResult.from_json(job["result"])
+    if result.outcome is ExamResult.NOT_ANALYSED:
+        return f"not analysed: {result.detail}"
+    exam = result.exam
     lines = [
-        f"PE: {'YES' if result['outcome'] == 'positive' else 'no'} (probability {result['pe_probability']:.2f}, "
-        f"{result['outcome']})  [demonstration weights: not for clinical use]",
+        f"PE: {'YES' if result.positive else 'no'} (probability {result.pe_probability or 0.0:.2f}, "
+        f"{result.outcome.value})  [demonstration weights: not for clinical use]",
         "location: " + ", ".join(f"{name} {exam[label]:.2f}" for name, label in
                                  (("central", "central_pe"), ("left", "leftsided_pe"), ("right", "rightsided_pe"))),
-        f"chronicity: {_chronicity(exam)} (chronic {exam['chronic_pe']:.2f}, acute-on-chronic "
+        f"chronicity: {clinical_course(exam).value.replace('_', '-')} (chronic {exam['chronic_pe']:.2f}, "
+        f"acute-on-chronic "
         f"{exam['acute_and_chronic_pe']:.2f})",
-        f"RV/LV >= 1: {'yes' if exam['rv_lv_ratio_gte_1'] > 0.5 else 'no'} ({exam['rv_lv_ratio_gte_1']:.2f})",
+        f"RV/LV >= 1: {'yes' if exam['rv_lv_ratio_gte_1'] > THRESHOLD else 'no'} ({exam['rv_lv_ratio_gte_1']:.2f})",
     ]
-    images = {image["sop_instance_uid"]: (k, image["pe_present_on_image"]) for k, image in enumerate(result["images"])}
-    keys = [f"slice {images[uid][0] + 1} (p {images[uid][1]:.2f})" for uid in result.get("key_slices", [])]
+    images = {image.sop_instance_uid: (k, image.pe_present_on_image) for k, image in enumerate(result.images)}
+    keys = [f"slice {images[uid][0] + 1} (p {images[uid][1]:.2f})" for uid in result.key_slices]
     lines.append("key slices: " + (", ".join(keys) if keys else "none"))
     timings = job["timings"]
     lines.append("timings: " + ", ".join(f"{phase} {timings[phase]:.2f} s" for phase in
@@ -134,25 +137,17 @@ def describe(job: dict[str, Any], config: Config, work: Path) -> str:
     return "\n".join(lines)
 
 
-def _chronicity(exam: dict[str, float]) -> str:
-    if exam["acute_and_chronic_pe"] > 0.5:
-        return "acute-on-chronic"
-    if exam["chronic_pe"] > 0.5:
-        return "chronic"
-    return "acute"
-
-
-def _written(result: dict[str, Any], config: Config, work: Path) -> list[str]:
+def _written(result: JobResult, config: Config, work: Path) -> list[str]:
     import pydicom
 
     folders = [d for d in config.destinations if isinstance(d, FolderDestination)]
     lines = []
-    for item in result["objects"]:
-        ds = pydicom.dcmread(item["path"])
+    for item in result.objects:
+        ds = pydicom.dcmread(item.path)
         kind = {"SR": "structured report", "KO": "key object selection"}.get(ds.Modality, "secondary capture")
         where = [storage.instance_path(d.path, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
                  for d in folders]
-        lines.append(f"{kind}: {where[0] if where else item['path']}")
+        lines.append(f"{kind}: {where[0] if where else item.path}")
         if "PixelData" in ds and ds.get("SamplesPerPixel") == 3:
             png = work / f"capture-{ds.InstanceNumber}.png"
             Image.fromarray(np.asarray(ds.pixel_array, dtype=np.uint8)).save(png)

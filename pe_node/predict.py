@@ -15,11 +15,10 @@ from typing import TextIO
 
 import numpy as np
 
-from pe_node.findings import EXAM_LABELS, Prediction
+from pe_node.findings import EXAM_LABELS, Prediction, exam_probability
 from pe_node.model.checkpoint import CheckpointError
 from pe_node.model.predictor import Predictor, resolve_device
 from pe_node.pipeline.series import SeriesError, load_series
-from pe_node.reporting.outcome import exam_probability
 
 logger = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from sqlalchemy import text
 from pe_node import __version__
 from pe_node.config import WebConfig
 from pe_node.db import Database
+from pe_node.jobs.result import JobResult
 from pe_node.metrics import Metrics
 from pe_node.status import collect
 
@@ -191,10 +192,10 @@ def _model_table(model: dict[str, Any]) -> str:
 def _jobs_table(jobs: list[dict[str, Any]]) -> str:
     rows = []
     for job in jobs:
-        result = job.get("result") or {}
-        finding = result.get("outcome")
-        probability = result.get("pe_probability")
-        detail = result.get("detail") or job.get("error") or ""
+        result = JobResult.from_json(job["result"]) if job.get("result") else None
+        finding = result.outcome.value if result is not None else None
+        probability = result.pe_probability if result is not None else None
+        detail = (result.detail if result is not None else None) or job.get("error") or ""
         timings = " ".join(f"{k} {v:.2f}s" for k, v in (job.get("timings") or {}).items()
                            if k in ("load", "inference", "report", "total"))
         rows.append([

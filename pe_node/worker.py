@@ -29,20 +29,19 @@ from pe_node.config import Config
 from pe_node.db import Database, Instance, Job, JobState
 from pe_node.delivery.outbox import Outbox, enqueue
 from pe_node.delivery.outgoing import Outgoing
-from pe_node.findings import Prediction
+from pe_node.findings import NotAnalysed, NotAnalysedReason, Prediction, exam_result
 from pe_node.jobs.completion import is_eligible
 from pe_node.jobs.queue import ClaimedJob, JobQueue, LeaseLost, worker_id
+from pe_node.jobs.result import JobResult, ResultObject
 from pe_node.metrics import Metrics
 from pe_node.pipeline.series import CTSeries, SeriesError, SliceRef, load_series
 from pe_node.pipeline.suitability import SuitabilityRules, check_suitability
 from pe_node.reporting import (
     AlgorithmInfo,
-    NotAnalysed,
     ReportObjects,
     ReportOptions,
     build_report,
 )
-from pe_node.reporting.outcome import NotAnalysedReason, exam_probability, exam_result
 from pe_node.reporting.report import key_slices
 
 log = logging.getLogger(__name__)
@@ -154,16 +153,22 @@ class Worker:
             outgoing = self._write(job, objects)
         self._checkpoint(lost)
         timings["total"] = time.perf_counter() - started
-        result = _result(outcome, objects, outgoing, previous, self.options)
+        result = JobResult.of(
+            outcome,
+            [ResultObject(item.sop_instance_uid, item.sop_class_uid, str(item.path)) for item in outgoing],
+            str(objects.sr.SOPInstanceUID),
+            [str(ds.SOPInstanceUID) for ds in previous],
+            key_slices(outcome, exam_result(outcome), self.options) if isinstance(outcome, Prediction) else (),
+        )
         with self.db.session() as session:
             enqueue(session, job.id, outgoing, [d.name for d in self.config.destinations])
-        self.queue.finish(job.id, result, timings)
+        self.queue.finish(job.id, result.to_json(), timings)
         self.metrics.observe("queue_wait", job.queued_seconds)
         for phase in ("load", "inference", "report"):
             if phase in timings:
                 self.metrics.observe(phase, timings[phase])
-        self.metrics.jobs_finished.labels(outcome=result["outcome"]).inc()
-        log.info("job %d for series %s: %s in %.2f s", job.id, job.series_instance_uid, result["outcome"],
+        self.metrics.jobs_finished.labels(outcome=result.outcome.value).inc()
+        log.info("job %d for series %s: %s in %.2f s", job.id, job.series_instance_uid, result.outcome.value,
                  timings["total"])
 
     def _slice_refs(self, job: ClaimedJob) -> list[SliceRef]:
@@ -204,8 +209,8 @@ class Worker:
                 .where(Job.series_id == job.series_id, Job.state == JobState.DONE, Job.id != job.id)
                 .order_by(Job.id.desc())
             ).all()
-        for result in rows:
-            sr = (result or {}).get("sr_path")
+        for stored in rows:
+            sr = JobResult.from_json(stored).sr_path if stored else None
             if sr and Path(sr).is_file():
                 return [pydicom.dcmread(sr)]
         return []
@@ -296,34 +301,3 @@ def _headers_only(job: ClaimedJob, refs: list[SliceRef]) -> CTSeries:
         orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
         header=header,
     )
-
-
-def _result(outcome: Prediction | NotAnalysed, objects: ReportObjects, outgoing: list[Outgoing],
-            previous: list[Dataset], options: ReportOptions) -> dict[str, Any]:
-    """Everything the job found, as stored in its row and shown by ``pe-node status``."""
-    sr = next(item for item in outgoing if item.sop_instance_uid == objects.sr.SOPInstanceUID)
-    result: dict[str, Any] = {
-        "outcome": "not_analysed" if isinstance(outcome, NotAnalysed) else exam_result(outcome).name.lower(),
-        "model": None if isinstance(outcome, NotAnalysed) else outcome.model,
-        "sr_path": str(sr.path),
-        "objects": [
-            {"sop_instance_uid": item.sop_instance_uid, "sop_class_uid": item.sop_class_uid, "path": str(item.path)}
-            for item in outgoing
-        ],
-        "supersedes": [str(ds.SOPInstanceUID) for ds in previous],
-    }
-    if isinstance(outcome, NotAnalysed):
-        result["reason"] = outcome.reason.name.lower()
-        result["detail"] = outcome.detail
-        return result
-    image = np.asarray(outcome.image, dtype=float)
-    verdict = exam_result(outcome)
-    result.update(
-        pe_probability=exam_probability(outcome),
-        exam=outcome.exam,
-        images=[{"sop_instance_uid": uid, "pe_present_on_image": round(float(p), 5)}
-                for uid, p in zip(outcome.sop_instance_uids, image)],
-        attention=[round(float(a), 6) for a in outcome.attention],
-        key_slices=[outcome.sop_instance_uids[i] for i in key_slices(outcome, verdict, options)],
-    )
-    return result

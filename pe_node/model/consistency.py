@@ -24,9 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pe_node.findings import EXAM_LABELS, EXAM_WEIGHTS, IMAGE_WEIGHT, ExamLabel
+from pe_node.findings import EXAM_LABELS, EXAM_WEIGHTS, IMAGE_WEIGHT, THRESHOLD, ExamLabel
 
-THRESHOLD = 0.5
 MARGIN = 1e-3
 """How far above 0.5 a probability that must become positive is set (survives float32 rounding)."""
 

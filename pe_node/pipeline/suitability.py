@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pe_node.findings import NotAnalysed, NotAnalysedReason
 from pe_node.pipeline.series import CTSeries
-from pe_node.reporting.outcome import NotAnalysed, NotAnalysedReason
 
 _BODY_HU = -500
 _MAX_SAMPLED_SLICES = 24

@@ -4,14 +4,10 @@ Callers use :func:`build_report` and the small types around it; the modules belo
 """
 
 from pe_node.reporting.algorithm import AlgorithmInfo
-from pe_node.reporting.outcome import ExamResult, NotAnalysed, NotAnalysedReason
 from pe_node.reporting.report import ReportObjects, ReportOptions, build_report
 
 __all__ = [
     "AlgorithmInfo",
-    "ExamResult",
-    "NotAnalysed",
-    "NotAnalysedReason",
     "ReportObjects",
     "ReportOptions",
     "build_report",

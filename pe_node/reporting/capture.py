@@ -12,10 +12,11 @@ from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pe_node.findings import Prediction
+from pe_node.model.preprocess import PE_WINDOW
 from pe_node.pipeline.series import CTSeries
 from pe_node.reporting import codes as pe_codes
 from pe_node.reporting.algorithm import AlgorithmInfo
-from pe_node.reporting.overlay import PE_WINDOW, render
+from pe_node.reporting.overlay import render
 
 SERIES_DESCRIPTION = "pe-node attention maps - NOT FOR DIAGNOSTIC USE"
 

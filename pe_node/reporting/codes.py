@@ -7,6 +7,9 @@ private scheme that every object using it declares in its CodingSchemeIdentifica
 - the RV/LV diameter ratio >= 1 (the RSNA-STR label of right-heart strain), and
 - the reason a series was not analysed (with the reasons DICOM has no code for).
 
+The domain's outcomes (``pe_node.findings``: exam result, clinical course, reason not analysed) are coded by the
+mappings at the end of this module, the one place that ties them to concepts.
+
 The exam evaluation uses CID 240-style values (Present / Absent / Undetermined); a series that was not analysed gets
 the distinct value "Not Evaluated" (SCT 373121007, CID 3703), so that "negative" and "not analysed" differ in coded
 content and not only in text.
@@ -19,6 +22,8 @@ import enum
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+
+from pe_node.findings import ClinicalCourse, ExamLabel, ExamResult, NotAnalysedReason
 
 PRIVATE_SCHEME = "99PENODE"
 """Coding Scheme Designator of pe-node's private concepts ("99" prefix: local scheme, PS3.3 8.2)."""
@@ -37,7 +42,7 @@ def private_coding_scheme() -> CodingSchemeIdentificationItem:
 PULMONARY_EMBOLISM = Code("59282003", "SCT", "Pulmonary embolism")
 PULMONARY_ARTERY = Code("81040000", "SCT", "Pulmonary artery")
 
-# Concept name of the chronicity evaluation (SNOMED CT attribute); its values are ClinicalCourse
+# Concept name of the chronicity evaluation (SNOMED CT attribute); its values are COURSE_CODES
 CLINICAL_COURSE = Code("263502005", "SCT", "Clinical course")
 
 # Measurement: DCM 122157 "Probability" (PS3.16 Annex D), dimensionless, UCUM "1"
@@ -71,17 +76,44 @@ class Evaluation(enum.Enum):
         return cls.PRESENT if present else cls.ABSENT
 
 
-class ClinicalCourse(enum.Enum):
-    """Values of the clinical course (SCT 263502005) of a positive exam."""
-
-    ACUTE = Code("373933003", "SCT", "Acute onset")
-    CHRONIC = Code("90734009", "SCT", "Chronic")
-    ACUTE_ON_CHRONIC = Code("255212004", "SCT", "Acute-on-chronic")
-
-
 class Location(enum.Enum):
     """The RSNA-STR location labels and the artery each stands for (central = pulmonary trunk)."""
 
     CENTRAL = Code("45341000", "SCT", "Pulmonary trunk")
     LEFT = Code("50408007", "SCT", "Left pulmonary artery")
     RIGHT = Code("78480002", "SCT", "Right pulmonary artery")
+
+
+LOCATION_LABELS: dict[Location, ExamLabel] = {
+    Location.CENTRAL: ExamLabel.CENTRAL,
+    Location.LEFT: ExamLabel.LEFT,
+    Location.RIGHT: ExamLabel.RIGHT,
+}
+"""The RSNA-STR location label of each artery."""
+
+EVALUATIONS: dict[ExamResult, Evaluation] = {
+    ExamResult.POSITIVE: Evaluation.PRESENT,
+    ExamResult.NEGATIVE: Evaluation.ABSENT,
+    ExamResult.INDETERMINATE: Evaluation.UNDETERMINED,
+    ExamResult.NOT_ANALYSED: Evaluation.NOT_EVALUATED,
+}
+"""The evaluation the SR gives the exam finding for each exam result."""
+
+COURSE_CODES: dict[ClinicalCourse, Code] = {
+    ClinicalCourse.ACUTE: Code("373933003", "SCT", "Acute onset"),
+    ClinicalCourse.CHRONIC: Code("90734009", "SCT", "Chronic"),
+    ClinicalCourse.ACUTE_ON_CHRONIC: Code("255212004", "SCT", "Acute-on-chronic"),
+}
+"""Values of the clinical course (SCT 263502005) of a positive exam."""
+
+NOT_ANALYSED_CODES: dict[NotAnalysedReason, Code] = {
+    NotAnalysedReason.TOO_FEW_SLICES: Code("NA-SLICES", PRIVATE_SCHEME, "Too few slices"),
+    NotAnalysedReason.NOT_AXIAL: Code("NA-AXIAL", PRIVATE_SCHEME, "Not an axial series"),
+    # Inadequate contrast has a DICOM code (DCM 130580, CID 6315); the other reasons are private concepts.
+    NotAnalysedReason.NO_CONTRAST: Code("130580", "DCM", "Inadequate contrast enhancement"),
+    NotAnalysedReason.INCONSISTENT_SPACING: Code("NA-SPACING", PRIVATE_SCHEME, "Inconsistent slice spacing"),
+    NotAnalysedReason.UNREADABLE: Code("NA-UNREADABLE", PRIVATE_SCHEME, "Unreadable series"),
+    NotAnalysedReason.IMAGE_TOO_LARGE: Code("NA-SIZE", PRIVATE_SCHEME, "Image too large"),
+    NotAnalysedReason.NO_USABLE_SERIES: Code("NA-NOSERIES", PRIVATE_SCHEME, "No usable series in the study"),
+}
+"""The coded reason a "not analysed" SR gives."""

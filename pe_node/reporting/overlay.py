@@ -10,8 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-PE_WINDOW = (100.0, 700.0)
-"""Window level and width (HU) in which the radiologist reads emboli (DESIGN.md "Infer")."""
+from pe_node.model.preprocess import PE_WINDOW
 
 MAX_OPACITY = 0.5
 """Opacity of the overlay where the attention map is 1; it falls linearly to 0 where the map is 0."""

@@ -22,13 +22,12 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 
-from pe_node.findings import EXAM_LABELS, Prediction
+from pe_node.findings import EXAM_LABELS, THRESHOLD, ExamResult, NotAnalysed, Prediction, exam_result
 from pe_node.pipeline.series import CTSeries
 from pe_node.reporting.algorithm import AlgorithmInfo
 from pe_node.reporting.capture import secondary_capture
 from pe_node.reporting.evidence import slice_header, study_header
 from pe_node.reporting.kos import key_object_selection
-from pe_node.reporting.outcome import THRESHOLD, ExamResult, NotAnalysed, exam_result
 from pe_node.reporting.sr import structured_report
 
 MAX_SERIES_NUMBER = 2**31 - 1

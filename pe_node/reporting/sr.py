@@ -45,23 +45,31 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from pe_node.findings import ExamLabel, Prediction
-from pe_node.pipeline.series import CTSeries
-from pe_node.reporting import codes as pe_codes
-from pe_node.reporting.algorithm import AlgorithmInfo
-from pe_node.reporting.codes import ClinicalCourse, Evaluation, Location
-from pe_node.reporting.evidence import series_references
-from pe_node.reporting.outcome import (
+from pe_node.findings import (
     COURSE_LABELS,
-    LOCATION_LABELS,
     THRESHOLD,
+    ClinicalCourse,
+    ExamLabel,
     ExamResult,
     NotAnalysed,
+    Prediction,
     clinical_course,
     exam_probability,
     exam_result,
     positive_slices,
 )
+from pe_node.pipeline.series import CTSeries
+from pe_node.reporting import codes as pe_codes
+from pe_node.reporting.algorithm import AlgorithmInfo
+from pe_node.reporting.codes import (
+    COURSE_CODES,
+    EVALUATIONS,
+    LOCATION_LABELS,
+    NOT_ANALYSED_CODES,
+    Evaluation,
+    Location,
+)
+from pe_node.reporting.evidence import series_references
 
 SERIES_DESCRIPTION = "pe-node PE analysis (SR) - PRELIMINARY"
 
@@ -140,7 +148,7 @@ def _groups(
             finding_type=pe_codes.PULMONARY_EMBOLISM,
             finding_sites=[hd.sr.FindingSite(pe_codes.PULMONARY_ARTERY)],
             measurements=[_probability(exam_probability(outcome))],
-            qualitative_evaluations=[_evaluation(pe_codes.PULMONARY_EMBOLISM, result.value)],
+            qualitative_evaluations=[_evaluation(pe_codes.PULMONARY_EMBOLISM, EVALUATIONS[result])],
         )
     ]
     if result is ExamResult.POSITIVE:
@@ -158,7 +166,7 @@ def _not_analysed_group(group: GroupMaker, outcome: NotAnalysed) -> Group:
         finding_sites=[hd.sr.FindingSite(pe_codes.PULMONARY_ARTERY)],
         qualitative_evaluations=[
             _evaluation(pe_codes.PULMONARY_EMBOLISM, Evaluation.NOT_EVALUATED),
-            hd.sr.QualitativeEvaluation(name=pe_codes.REASON_NOT_ANALYSED, value=outcome.reason.value),
+            hd.sr.QualitativeEvaluation(name=pe_codes.REASON_NOT_ANALYSED, value=NOT_ANALYSED_CODES[outcome.reason]),
         ],
     )
     # TID 1501 row 13: a TEXT qualitative evaluation, which highdicom's constructor does not offer.
@@ -192,7 +200,8 @@ def _course_group(group: GroupMaker, prediction: Prediction) -> Group:
             _probability(prediction.exam[label.value], of_course=course) for course, label in COURSE_LABELS.items()
         ],
         qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=pe_codes.CLINICAL_COURSE, value=clinical_course(prediction).value)
+            hd.sr.QualitativeEvaluation(name=pe_codes.CLINICAL_COURSE,
+                                        value=COURSE_CODES[clinical_course(prediction.exam)])
         ],
     )
 
@@ -237,7 +246,7 @@ def _probability(value: float, *, of_course: ClinicalCourse | None = None) -> hd
             [
                 CodeContentItem(
                     name=pe_codes.CLINICAL_COURSE,
-                    value=of_course.value,
+                    value=COURSE_CODES[of_course],
                     relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD,
                 )
             ]

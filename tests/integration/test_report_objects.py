@@ -20,18 +20,17 @@ import pytest
 from pydicom import Dataset
 from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage, generate_uid
 
-from pe_node.findings import EXAM_LABELS, ExamLabel, Prediction
+from pe_node.findings import EXAM_LABELS, ClinicalCourse, ExamLabel, NotAnalysed, NotAnalysedReason, Prediction
+from pe_node.model.preprocess import PE_WINDOW
 from pe_node.pipeline.series import CTSeries, SliceRef, load_series
 from pe_node.reporting import (
     AlgorithmInfo,
-    NotAnalysed,
-    NotAnalysedReason,
     ReportObjects,
     ReportOptions,
     build_report,
     codes,
 )
-from pe_node.reporting.overlay import PE_WINDOW, window
+from pe_node.reporting.overlay import window
 
 ALGORITHM = AlgorithmInfo(name="pe-node PE CNN-LSTM", version="1.4.2")
 SLICES, SIZE = 40, 128
@@ -242,14 +241,14 @@ def test_positive_sr_gives_locations_course_and_rv_lv(read_sr: ReadSR) -> None:
     assert [evaluation(found[n], codes.PULMONARY_EMBOLISM) for n in sites] == [present, absent, present]
     assert [probabilities(found[n])[0] for n in sites] == pytest.approx([0.81, 0.2, 0.92])
     course = found["PE clinical course"]
-    assert evaluation(course, codes.CLINICAL_COURSE) == codes.ClinicalCourse.CHRONIC.value.value
+    assert evaluation(course, codes.CLINICAL_COURSE) == codes.COURSE_CODES[ClinicalCourse.CHRONIC].value
     qualified = {
         m[0].ContentSequence[0].ConceptCodeSequence[0].CodeValue: m.value
         for m in course.get_measurements(name=codes.PROBABILITY)
     }
     assert qualified == {
-        codes.ClinicalCourse.CHRONIC.value.value: pytest.approx(0.7),
-        codes.ClinicalCourse.ACUTE_ON_CHRONIC.value.value: pytest.approx(0.1),
+        codes.COURSE_CODES[ClinicalCourse.CHRONIC].value: pytest.approx(0.7),
+        codes.COURSE_CODES[ClinicalCourse.ACUTE_ON_CHRONIC].value: pytest.approx(0.1),
     }
     rv_lv = found["RV/LV ratio"]
     assert rv_lv.finding_type == codes.RV_LV_RATIO_GTE_1
@@ -324,7 +323,8 @@ def test_not_analysed_is_told_apart_from_negative_by_its_codes(read_sr: ReadSR) 
     assert evaluation(not_analysed, codes.PULMONARY_EMBOLISM) == codes.Evaluation.NOT_EVALUATED.value.value
     assert evaluation(not_analysed, codes.PULMONARY_EMBOLISM) != evaluation(negative, codes.PULMONARY_EMBOLISM)
     assert probabilities(not_analysed) == []
-    assert evaluation(not_analysed, codes.REASON_NOT_ANALYSED) == NotAnalysedReason.TOO_FEW_SLICES.value.value
+    too_few = codes.NOT_ANALYSED_CODES[NotAnalysedReason.TOO_FEW_SLICES]
+    assert evaluation(not_analysed, codes.REASON_NOT_ANALYSED) == too_few.value
     (text,) = [i.TextValue for i in not_analysed[0].ContentSequence if i.ValueType == "TEXT"
                and i.ConceptNameCodeSequence[0].CodeValue == codes.REASON_NOT_ANALYSED.value]
     assert text == "too few slices: 12 < 30"
@@ -474,7 +474,7 @@ def test_not_analysed_report_survives_a_broken_header(series: CTSeries, folder: 
     path = write(sr, folder)
     assert not [m for m in dciodvfy(path) if m.startswith("Error")]
     exam = groups(hd.sr.srread(path))["PE exam"]
-    assert evaluation(exam, codes.REASON_NOT_ANALYSED) == NotAnalysedReason.UNREADABLE.value.value
+    assert evaluation(exam, codes.REASON_NOT_ANALYSED) == codes.NOT_ANALYSED_CODES[NotAnalysedReason.UNREADABLE].value
     assert "SliceThickness" not in header and "PatientSex" not in header, "the series header was changed"
 
 

@@ -5,22 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pe_node.findings import EXAM_LABELS, ExamLabel, Prediction
-from pe_node.reporting import (
-    AlgorithmInfo,
+from pe_node.findings import (
+    EXAM_LABELS,
+    ClinicalCourse,
+    ExamLabel,
     ExamResult,
     NotAnalysed,
     NotAnalysedReason,
-    ReportOptions,
-)
-from pe_node.reporting.capture import patient_orientation
-from pe_node.reporting.codes import ClinicalCourse
-from pe_node.reporting.outcome import (
+    Prediction,
     clinical_course,
     exam_probability,
     exam_result,
     positive_slices,
 )
+from pe_node.reporting import AlgorithmInfo, ReportOptions, codes
+from pe_node.reporting.capture import patient_orientation
 from pe_node.reporting.report import key_slices
 
 
@@ -54,7 +53,7 @@ def test_inconsistent_non_positive_labels_read_as_undetermined() -> None:
 def test_not_analysed_is_its_own_result() -> None:
     outcome = NotAnalysed(NotAnalysedReason.NOT_AXIAL, "ImageOrientationPatient is sagittal")
     assert exam_result(outcome) is ExamResult.NOT_ANALYSED
-    assert ExamResult.NOT_ANALYSED.value is not ExamResult.INDETERMINATE.value
+    assert codes.EVALUATIONS[ExamResult.NOT_ANALYSED] is not codes.EVALUATIONS[ExamResult.INDETERMINATE]
 
 
 def test_a_positive_exams_probability_is_its_highest_image_probability() -> None:
@@ -81,7 +80,7 @@ def test_a_non_positive_exams_probability_comes_from_the_exam_head_not_the_folde
     ],
 )
 def test_clinical_course_follows_the_chronicity_labels(labels: dict[str, float], course: ClinicalCourse) -> None:
-    assert clinical_course(prediction([0.9], **labels)) is course
+    assert clinical_course(prediction([0.9], **labels).exam) is course
 
 
 def test_positive_slices_are_those_above_one_half() -> None:

@@ -14,10 +14,9 @@ import pytest
 
 from pe_node.config import load_config
 from pe_node.demo import SIZE, SLICES, make_phantom
-from pe_node.findings import EXAM_LABELS, Prediction
+from pe_node.findings import EXAM_LABELS, Prediction, exam_probability
 from pe_node.model import Predictor, check, load_checkpoint
 from pe_node.pipeline.series import load_series
-from pe_node.reporting.outcome import exam_probability
 from training.config import TrainConfig, load_train_config
 from training.phantoms.generator import ExamClass, exam_class, plan_study, write_study
 

@@ -8,13 +8,13 @@ import numpy as np
 import pydicom
 import pytest
 
+from pe_node.findings import NotAnalysedReason
 from pe_node.pipeline.series import CTSeries, SliceRef
 from pe_node.pipeline.suitability import (
     SuitabilityRules,
     check_suitability,
     mediastinal_enhancement,
 )
-from pe_node.reporting.outcome import NotAnalysedReason
 from tests.dicom_factory import phantom_volume
 
 RULES = SuitabilityRules(min_slices=30)

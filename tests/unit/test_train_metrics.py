@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pe_node.findings import EXAM_LABELS, EXAM_WEIGHTS, IMAGE_LABEL, IMAGE_WEIGHT
+from pe_node.findings import EXAM_LABELS, EXAM_WEIGHTS, IMAGE_LABEL, IMAGE_WEIGHT, pe_score
 from pe_node.model import rsna_loss
 from training.evaluation.evaluate import (
     BASELINE_CNN,
@@ -25,7 +25,6 @@ from training.evaluation.metrics import (
     auc,
     constant_predictions,
     interval,
-    pe_score,
     resampled_auc,
     rsna_log_loss,
     rsna_log_loss_terms,

@@ -28,11 +28,18 @@ import pydicom
 import torch
 from tqdm import tqdm
 
-from pe_node.findings import EXAM_LABELS, IMAGE_LABEL, Prediction
+from pe_node.findings import (
+    EXAM_LABELS,
+    IMAGE_LABEL,
+    ExamResult,
+    Prediction,
+    exam_probability,
+    exam_result,
+    pe_score,
+)
 from pe_node.model import PEModel, Predictor, PreprocessConfig, check, make_consistent
 from pe_node.model.checkpoint import file_sha256
 from pe_node.pipeline.series import load_series
-from pe_node.reporting.outcome import ExamResult, exam_probability, exam_result
 from training.config import EvaluateConfig
 from training.evaluation.figures import (
     CamExample,
@@ -46,7 +53,6 @@ from training.evaluation.metrics import (
     auc,
     constant_predictions,
     interval,
-    pe_score,
     resampled_auc,
     rsna_log_loss,
     rsna_log_loss_terms,

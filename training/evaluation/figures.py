@@ -21,7 +21,8 @@ from sklearn.manifold import TSNE  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from pe_node.findings import EXAM_LABELS, IMAGE_LABEL  # noqa: E402
-from pe_node.reporting.overlay import PE_WINDOW, blend, window  # noqa: E402
+from pe_node.model.preprocess import PE_WINDOW  # noqa: E402
+from pe_node.reporting.overlay import blend, window  # noqa: E402
 
 if TYPE_CHECKING:
     from training.evaluation.predictions import Predictions

@@ -20,12 +20,10 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
-from pe_node.findings import EXAM_LABELS, EXAM_WEIGHTS, IMAGE_WEIGHT, ExamLabel
+from pe_node.findings import EXAM_LABELS, EXAM_WEIGHTS, IMAGE_WEIGHT
 
 EPS = 1e-15
 """Probabilities are clipped to [EPS, 1 - EPS] before the logarithm, as scikit-learn's log_loss did."""
-_NEGATIVE = EXAM_LABELS.index(ExamLabel.NEGATIVE.value)
-_INDETERMINATE = EXAM_LABELS.index(ExamLabel.INDETERMINATE.value)
 
 
 def auc(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float | None:
@@ -103,13 +101,6 @@ def constant_predictions(
         raise ValueError(f"constant_predictions: exam prior of shape {prior.shape}, expected (9,)")
     exam = np.tile(prior, (len(slices), 1))
     return exam, [np.full(n, float(image_prior)) for n in slices]
-
-
-def pe_score(exam_probabilities: np.ndarray) -> np.ndarray:
-    """The study head's probability that a study shows PE: neither negative nor indeterminate,
-    (1 - p(negative_exam_for_pe)) (1 - p(indeterminate)). Works on [9] or [N, 9]."""
-    exam = np.asarray(exam_probabilities, dtype=np.float64)
-    return (1.0 - exam[..., _NEGATIVE]) * (1.0 - exam[..., _INDETERMINATE])
 
 
 def stratified_resamples(labels: Sequence[float] | np.ndarray, resamples: int, seed: int) -> np.ndarray:

@@ -19,10 +19,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from pe_node.findings import pe_score
 from pe_node.model import SequenceModel, create_model, rsna_loss
 from pe_node.model.checkpoint import file_sha256
 from training.config import TrainConfig, TrainConfigError
-from training.evaluation.metrics import auc, pe_score, rsna_log_loss
+from training.evaluation.metrics import auc, rsna_log_loss
 from training.fitting.cache import CachedStudy, training_share
 from training.fitting.data import StudyEmbeddings, pad_studies
 from training.fitting.distributed import Processes, shard
