@@ -12,7 +12,7 @@ TEST_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc \
 	/usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb \
 	/usr/lib/postgresql/*/bin/pg_ctl:postgresql openssl:openssl chromium:chromium ojph_compress:openjph-tools
 
-.PHONY: run setup demo test test-setup system-tools bench clean
+.PHONY: run setup demo test test-setup system-tools lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,7 +52,12 @@ system-tools:
 
 test-setup: $(BIN)/.installed-test system-tools
 
-test: test-setup
+# ruff (pyflakes, pycodestyle, isort, bugbear, pyupgrade) over the tree, mypy over pe_node/ (pyproject.toml)
+lint: $(BIN)/.installed-test
+	$(BIN)/ruff check pe_node training tests bench
+	$(BIN)/mypy
+
+test: test-setup lint
 	$(BIN)/pytest
 
 bench: test-setup

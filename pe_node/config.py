@@ -230,9 +230,7 @@ class Config(_Section):
     series: SeriesConfig = SeriesConfig()
     model: ModelConfig = ModelConfig()
     worker: WorkerConfig = WorkerConfig()
-    destinations: list[Destination] = Field(
-        default_factory=lambda: [FolderDestination(type="folder", name="outbox", path=Path("var/outbox"))]
-    )
+    destinations: list[Destination] = Field(default_factory=lambda: _default_destinations())
     outputs: OutputsConfig = OutputsConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     retention: RetentionConfig = RetentionConfig()
@@ -262,6 +260,10 @@ class Config(_Section):
                 dest["path"] = _absolute(dest["path"], base)
         data["database"]["url"] = _absolute_sqlite_url(data["database"]["url"], base)
         return Config.model_validate(data)
+
+
+def _default_destinations() -> list[Destination]:
+    return [FolderDestination(type="folder", name="outbox", path=Path("var/outbox"))]
 
 
 def _absolute(path: Path, base: Path) -> Path:

@@ -14,6 +14,7 @@ the demo and ``pe-train evaluate`` all read an outcome through these functions.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,7 +185,7 @@ def exam_probability(prediction: Prediction) -> float:
     return min(highest, float(study))
 
 
-def clinical_course(exam: dict[str, float]) -> ClinicalCourse:
+def clinical_course(exam: Mapping[str, float]) -> ClinicalCourse:
     """Chronic or acute-on-chronic when that label is above the threshold (the likelier if both are), else acute."""
     candidates = [
         (exam[label.value], course) for course, label in COURSE_LABELS.items() if exam[label.value] > THRESHOLD

@@ -68,10 +68,10 @@ class _StateCollector(Collector):
             job_counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
             delivery_counts = dict(session.execute(
                 select(Delivery.state, func.count()).group_by(Delivery.state)).all())
-        for state in JobState:
-            jobs.add_metric([state.value], job_counts.get(state, 0))
-        for state in DeliveryState:
-            deliveries.add_metric([state.value], delivery_counts.get(state, 0))
+        for job_state in JobState:
+            jobs.add_metric([job_state.value], job_counts.get(job_state, 0))
+        for delivery_state in DeliveryState:
+            deliveries.add_metric([delivery_state.value], delivery_counts.get(delivery_state, 0))
         yield jobs
         yield deliveries
         free = GaugeMetricFamily("pe_node_storage_free_bytes", "Free bytes on the storage volume")

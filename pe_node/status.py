@@ -30,11 +30,11 @@ def collect(db: Database, *, limit: int = 200, audit: bool = False) -> dict[str,
             select(Job, Series.series_instance_uid).join(Series, Series.id == Job.series_id)
             .order_by(Job.id.desc()).limit(limit)
         ).all()
-        deliveries = session.scalars(
+        deliveries = [*session.scalars(
             select(Delivery).where(Delivery.state != DeliveryState.DONE).order_by(Delivery.id.desc()).limit(limit)
-        ).all() + session.scalars(
+        ).all()] + [*session.scalars(
             select(Delivery).where(Delivery.state == DeliveryState.DONE).order_by(Delivery.id.desc()).limit(limit)
-        ).all()
+        ).all()]
         report: dict[str, Any] = {
             "counts": {
                 "series": _counts(session, Series.state),

@@ -11,6 +11,7 @@ queue retries until ``worker.max_attempts``); a stop request between phases rele
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import time
@@ -140,9 +141,10 @@ class Worker:
                 refusal = check_suitability(series, self.rules)
         outcome: Prediction | NotAnalysed
         if refusal is None:
-            outcome = self.predictor.predict(series, cam_slices=self.options.max_images)
-            timings.update({f"inference_{k}": v for k, v in outcome.timings.items() if k != "total"})
-            timings["inference"] = outcome.timings.get("total", 0.0)
+            prediction: Prediction = self.predictor.predict(series, cam_slices=self.options.max_images)
+            timings.update({f"inference_{k}": v for k, v in prediction.timings.items() if k != "total"})
+            timings["inference"] = prediction.timings.get("total", 0.0)
+            outcome = prediction
         else:
             outcome = refusal
         self._checkpoint(lost)
@@ -219,8 +221,7 @@ class Worker:
         folder = storage.results_folder(self.config.storage.path, job.id)
         outgoing = []
         for ds in objects.all():
-            path = storage.atomic_write(folder / f"{ds.SOPInstanceUID}.dcm",
-                                        lambda stream, ds=ds: ds.save_as(stream, enforce_file_format=True))
+            path = storage.atomic_write(folder / f"{ds.SOPInstanceUID}.dcm", _encoded(ds))
             outgoing.append(Outgoing(path, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
                                      str(ds.SOPInstanceUID), str(ds.SOPClassUID)))
         return outgoing
@@ -277,9 +278,16 @@ def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
         timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - started
 
 
+def _encoded(ds: Dataset) -> bytes:
+    """``ds`` as a Part 10 file."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def _headers_only(job: ClaimedJob, refs: list[SliceRef]) -> CTSeries:
     """The series as far as its headers go, for a "not analysed" report of a series whose pixels cannot be read."""
-    header = None
+    header: Dataset | None = None
     for ref in refs:
         try:
             header = pydicom.dcmread(ref.path, stop_before_pixels=True)

@@ -9,9 +9,22 @@ import torch
 
 from pe_node.model import PEModel, save_checkpoint
 from tests.dicom_factory import write_ct_series
+from tests.peers import missing_peers, on_ci
 from tests.tiny_models import TINY_PREPROCESS, tiny_model
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip a test whose ``peer`` marks name a tool that is not installed; under CI=true, fail it instead."""
+    names = [name for mark in item.iter_markers("peer") for name in mark.args]
+    missing = missing_peers(names)
+    if not missing:
+        return
+    message = f"{', '.join(missing)} not installed (make test installs it)"
+    if on_ci():
+        pytest.fail(f"CI=true and a required peer is missing: {message}", pytrace=False)
+    pytest.skip(message)
 
 
 @pytest.fixture

@@ -371,3 +371,33 @@ class PostgresServer:
             self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+#: The real peers the tests start, each with how to tell it is installed. ``make test`` installs them all; a test
+#: that needs one carries ``pytest.mark.peer(name, ...)``. Without the peer the test is skipped, or, under
+#: ``CI=true``, fails: a CI run that silently skipped its peers would prove nothing.
+PEERS: dict[str, tuple[str, Any]] = {
+    "dcmtk": ("DCMTK (storescu, dsrdump, dcmp2pgm)", lambda: have("storescu")),
+    "dicom3tools": ("dicom3tools (dciodvfy)", lambda: have("dciodvfy")),
+    "orthanc": ("Orthanc", lambda: have("Orthanc")),
+    "orthanc-dicomweb": ("Orthanc's DICOMweb plugin", lambda: Orthanc.DICOMWEB_PLUGIN.exists()),
+    "postgresql": ("PostgreSQL", lambda: postgres_bin() is not None),
+    "chromium": ("Chromium", lambda: _chromium() is not None),
+    "openssl": ("openssl", lambda: have("openssl")),
+}
+
+
+def missing_peers(names: Sequence[str]) -> list[str]:
+    """The descriptions of the peers among ``names`` that are not installed; unknown names are an error."""
+    unknown = [name for name in names if name not in PEERS]
+    if unknown:
+        raise ValueError(f"unknown peers {unknown}; known: {sorted(PEERS)}")
+    return [PEERS[name][0] for name in names if not PEERS[name][1]()]
+
+
+def on_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -7,7 +7,6 @@ destination overwrites the same path), so a retry after a lost response never ma
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,8 +48,7 @@ def send_folder(destination: FolderDestination, batch: Sequence[Outgoing], calli
         target = storage.instance_path(destination.path, item.study_instance_uid, item.series_instance_uid,
                                        item.sop_instance_uid)
         try:
-            with item.path.open("rb") as source:
-                storage.atomic_write(target, lambda copy, source=source: shutil.copyfileobj(source, copy))
+            storage.atomic_write(target, item.path.read_bytes())
             errors.append(None)
         except OSError as exc:
             errors.append(f"cannot write {target}: {exc.strerror or exc}")

@@ -19,7 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from pe_node.config import Config
-from pe_node.db import Database, Delivery, DeliveryState, utcnow
+from pe_node.db import Database, Delivery, DeliveryState, rowcount, utcnow
 from pe_node.delivery.destinations import sender_for
 from pe_node.delivery.outgoing import Outgoing
 from pe_node.metrics import Metrics
@@ -142,12 +142,12 @@ def resend_job(db: Database, job_id: int, now: dt.datetime | None = None) -> int
     """Queue all of a job's deliveries again, whatever their state; the number queued."""
     now = now or utcnow()
     with db.session() as session:
-        count = session.execute(
+        count = rowcount(session.execute(
             update(Delivery)
             .where(Delivery.job_id == job_id)
             .values(state=DeliveryState.PENDING, attempts=0, error=None, next_attempt_at=now, created_at=now,
                     delivered_at=None)
-        ).rowcount
+        ))
     if not count:
         raise LookupError(f"job {job_id} has no result objects to deliver")
     return int(count)

@@ -30,6 +30,7 @@ from pynetdicom.pdu_primitives import (
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
@@ -188,7 +189,7 @@ class IncomingAssociation:
         proposed = request.presentation_context_definition_list
         results, role_replies = negotiate_as_acceptor(proposed, list(self.settings.contexts), roles)
         _prefer_requestor_order(results, proposed, self.settings.contexts)
-        self._contexts = {cx.context_id: cx for cx in results if cx.result == 0x00}
+        self._contexts = {cx.context_id: cx for cx in results if cx.result == 0x00 and cx.context_id is not None}
         accept = A_ASSOCIATE()
         accept.application_context_name = UID(APPLICATION_CONTEXT)
         accept.calling_ae_title = request.calling_ae_title
@@ -269,6 +270,7 @@ class IncomingAssociation:
             raise ProtocolError(f"unsupported DIMSE command 0x{command_field:04X}", AbortReason.INVALID_PARAMETER)
         sop_class = _ui(fields, 0x0002)
         sop_instance = _ui(fields, 0x1000)
+        comment: str | None
         if sop_class != str(context.abstract_syntax):
             status, comment = 0x0122, f"SOP Class {sop_class} not negotiated on this presentation context"
         else:
@@ -339,13 +341,11 @@ def _prefer_requestor_order(results: list[PresentationContext], proposed: list[P
             result.transfer_syntax = [first]
 
 
-def _role_items(request: A_ASSOCIATE) -> dict[UID, object]:
-    from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
-
+def _role_items(request: A_ASSOCIATE) -> dict[UID, SCP_SCU_RoleSelectionNegotiation]:
     return {
         item.sop_class_uid: item
         for item in request.user_information
-        if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
+        if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid is not None
     }
 
 

@@ -79,7 +79,11 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 def supported_contexts() -> list[PresentationContext]:
     """Verification, and every storage SOP class pynetdicom knows in every transfer syntax above."""
     contexts = [build_context(VERIFICATION, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
-    contexts += [build_context(cx.abstract_syntax, list(TRANSFER_SYNTAXES)) for cx in AllStoragePresentationContexts]
+    contexts += [
+        build_context(cx.abstract_syntax, list(TRANSFER_SYNTAXES))
+        for cx in AllStoragePresentationContexts
+        if cx.abstract_syntax is not None
+    ]
     return contexts
 
 

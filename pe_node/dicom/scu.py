@@ -15,7 +15,8 @@ from pathlib import Path
 
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config
-from pynetdicom.sop_class import Verification
+
+from pe_node.dicom.association import VERIFICATION
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class SentFile:
 def echo(peer: Peer, calling_ae_title: str = "PE_NODE", timeout: float = 10.0) -> int | None:
     """C-ECHO; the response status, or None when no association could be made."""
     ae = _ae(calling_ae_title, timeout)
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
         return None

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from pe_node.config import WorkerConfig
-from pe_node.db import Database, Job, JobState, Series, utcnow
+from pe_node.db import Database, Job, JobState, Series, rowcount, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class JobQueue:
             ).first()
             if job is None:
                 return None
-            claimed = session.execute(
+            claimed = rowcount(session.execute(
                 update(Job)
                 .where(Job.id == job.id, Job.state == JobState.QUEUED)
                 .values(
@@ -75,7 +75,7 @@ class JobQueue:
                     started_at=now,
                 )
                 .execution_options(synchronize_session=False)
-            ).rowcount
+            ))
             if claimed != 1:
                 return None
             session.refresh(job)
@@ -90,11 +90,11 @@ class JobQueue:
         """Extend the lease; raise LeaseLost if this worker no longer holds it."""
         now = now or utcnow()
         with self.db.session() as session:
-            renewed = session.execute(
+            renewed = rowcount(session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_owner == self.owner)
                 .values(lease_expires_at=now + dt.timedelta(seconds=self.config.lease_seconds))
-            ).rowcount
+            ))
         if renewed != 1:
             raise LeaseLost(f"job {job_id}: lease no longer held by {self.owner}")
 
@@ -130,11 +130,11 @@ class JobQueue:
         now = now or utcnow()
         finished = now if state in (JobState.DONE, JobState.FAILED) else None
         with self.db.session() as session:
-            ended = session.execute(
+            ended = rowcount(session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_owner == self.owner)
                 .values(state=state, lease_owner=None, lease_expires_at=None, finished_at=finished, **values)
-            ).rowcount
+            ))
         if ended != 1:
             raise LeaseLost(f"job {job_id}: lease no longer held by {self.owner}")
 

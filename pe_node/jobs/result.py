@@ -63,13 +63,16 @@ class JobResult:
            supersedes: Sequence[str], key_slices: Sequence[int] = (),
            frames: Sequence[int | None] | None = None) -> JobResult:
         """The result of ``outcome``; ``key_slices`` are slice indices, ``frames`` each slice's frame number."""
-        sr = next(item for item in objects if item.sop_instance_uid == sr_sop_instance_uid)
-        common = dict(sr_path=sr.path, objects=tuple(objects), supersedes=tuple(supersedes))
+        sr_path = next(item.path for item in objects if item.sop_instance_uid == sr_sop_instance_uid)
         if isinstance(outcome, NotAnalysed):
-            return cls(ExamResult.NOT_ANALYSED, reason=outcome.reason, detail=outcome.detail, **common)
+            return cls(ExamResult.NOT_ANALYSED, sr_path, tuple(objects), tuple(supersedes), reason=outcome.reason,
+                       detail=outcome.detail)
         frames = list(frames) if frames is not None else [None] * len(outcome.sop_instance_uids)
         return cls(
             exam_result(outcome),
+            sr_path,
+            tuple(objects),
+            tuple(supersedes),
             model=outcome.model,
             pe_probability=exam_probability(outcome),
             exam={label: float(p) for label, p in outcome.exam.items()},
@@ -79,7 +82,6 @@ class JobResult:
             ),
             attention=tuple(round(float(a), 6) for a in outcome.attention),
             key_slices=tuple(outcome.sop_instance_uids[i] for i in key_slices),
-            **common,
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -121,10 +121,10 @@ def _nearest_positive(p: np.ndarray, images: np.ndarray, image_weight: float) ->
         cost += _move(exam, j, False)
     cost += _exactly_one(exam, (RV_LV_GTE_1, RV_LV_LT_1))
     if not (exam[[CENTRAL, RIGHT, LEFT]] > THRESHOLD).any():
-        cheapest = min((CENTRAL, RIGHT, LEFT), key=lambda j: _cost(exam[j], THRESHOLD + MARGIN, EXAM_WEIGHTS[j]))
+        cheapest = min((CENTRAL, RIGHT, LEFT), key=lambda j: _cost(float(exam[j]), THRESHOLD + MARGIN, EXAM_WEIGHTS[j]))
         cost += _move(exam, cheapest, True)
     if exam[CHRONIC] > THRESHOLD and exam[ACUTE_AND_CHRONIC] > THRESHOLD:
-        cheapest = min((CHRONIC, ACUTE_AND_CHRONIC), key=lambda j: _cost(exam[j], THRESHOLD, EXAM_WEIGHTS[j]))
+        cheapest = min((CHRONIC, ACUTE_AND_CHRONIC), key=lambda j: _cost(float(exam[j]), THRESHOLD, EXAM_WEIGHTS[j]))
         cost += _move(exam, cheapest, False)
     return cost, exam, image
 

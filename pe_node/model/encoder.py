@@ -12,6 +12,7 @@ only shapes the embedding during that training; serving reads the embedding and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import timm
 import torch
@@ -32,9 +33,11 @@ class SliceLogits:
 class SliceEncoder(nn.Module):
     """A timm backbone, global average pooling, an image head (1 logit) and an exam head (9 logits)."""
 
+    backbone: Any  # a timm model: forward_features and num_features, which nn.Module's type does not know
+
     def __init__(self, backbone: str = "efficientnet_b0", drop_rate: float = 0.0, drop_path_rate: float = 0.0):
         super().__init__()
-        kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+        kwargs: dict[str, Any] = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
         try:
             self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0, global_pool="", **kwargs)
         except RuntimeError as error:  # timm's "Unknown model (...)"

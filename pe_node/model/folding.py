@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -22,10 +23,11 @@ _TOLERANCE = 1e-3
 """Largest difference allowed between the folded and the original network, relative to the output's scale."""
 
 
-Run = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+Module = TypeVar("Module", bound=nn.Module)
+Run = Callable[[Any, torch.Tensor], torch.Tensor]
 
 
-def fold_batchnorm(module: nn.Module, example: torch.Tensor, run: Run | None = None) -> nn.Module:
+def fold_batchnorm(module: Module, example: torch.Tensor, run: Run | None = None) -> Module:
     """An eval-mode copy of ``module`` with every BatchNorm2d that directly follows a Conv2d folded into it.
 
     ``run(module, example)`` (default: ``module(example)``) computes the tensor to compare; it is used to find the
@@ -40,7 +42,7 @@ def fold_batchnorm(module: nn.Module, example: torch.Tensor, run: Run | None = N
         return module
     with torch.no_grad():
         for conv, bn_name in pairs:
-            _fold(conv, folded.get_submodule(bn_name))
+            _fold(conv, cast(nn.BatchNorm2d, folded.get_submodule(bn_name)))
             _replace(folded, bn_name)
         expected = run(module, example)
         got = run(folded, example)
@@ -58,7 +60,7 @@ def _conv_bn_pairs(module: nn.Module, example: torch.Tensor, run: Run) -> list[t
     hooks = []
 
     def remember(conv: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-        outputs[id(output)] = (conv, output)
+        outputs[id(output)] = (cast(nn.Conv2d, conv), output)
 
     def pair(name: str):
         def hook(_bn: nn.Module, inputs: tuple) -> None:
@@ -83,6 +85,7 @@ def _conv_bn_pairs(module: nn.Module, example: torch.Tensor, run: Run) -> list[t
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    assert bn.running_var is not None and bn.running_mean is not None, "folding needs running statistics"
     scale = bn.running_var.add(bn.eps).rsqrt()
     if bn.affine:
         scale = scale * bn.weight
@@ -105,4 +108,4 @@ def _replacement(bn: nn.BatchNorm2d) -> nn.Module | None:
 def _replace(root: nn.Module, name: str) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, _replacement(root.get_submodule(name)))
+    setattr(parent, child, _replacement(cast(nn.BatchNorm2d, root.get_submodule(name))))

@@ -44,8 +44,8 @@ class OnnxEmbedder:
         buffer = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
-            torch.onnx.export(
-                _Embedding(encoder).eval().cpu(), torch.zeros(2, 3, size, size), buffer,
+            torch.onnx.export(  # the TorchScript exporter writes to a file object as well as to a path
+                _Embedding(encoder).eval().cpu(), (torch.zeros(2, 3, size, size),), buffer,  # type: ignore[arg-type]
                 input_names=["images"], output_names=["embedding"],
                 dynamic_axes={"images": {0: "slices"}, "embedding": {0: "slices"}}, opset_version=OPSET, dynamo=False,
             )

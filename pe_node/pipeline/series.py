@@ -29,6 +29,10 @@ _INT16 = np.iinfo(np.int16)
 _ORIENTATION_TOLERANCE = 1e-3
 
 
+Orientation = tuple[float, float, float, float, float, float]
+"""ImageOrientationPatient: the row and column direction cosines."""
+
+
 class SeriesError(ValueError):
     """Files that do not make one readable CT series; the message names the files or series and the reason."""
 
@@ -59,7 +63,7 @@ class CTSeries:
     hu: np.ndarray
     pixel_spacing: tuple[float, float]
     slice_spacing: float
-    orientation: tuple[float, float, float, float, float, float]
+    orientation: Orientation
     header: pydicom.Dataset
 
     @property
@@ -120,11 +124,16 @@ def load_series(source: str | Path | Iterable[str | Path]) -> CTSeries:
             for h, p in zip(headers, positions, strict=True)
         ],
         hu=hu,
-        pixel_spacing=first.pixel_spacing,
+        pixel_spacing=first.pixel_spacing or (1.0, 1.0),
         slice_spacing=_slice_spacing(positions, first.thickness),
-        orientation=tuple(float(v) for v in orientation),
+        orientation=_orientation(orientation),
         header=pydicom.dcmread(first.path, stop_before_pixels=True),
     )
+
+
+def _orientation(values: np.ndarray) -> Orientation:
+    row_x, row_y, row_z, column_x, column_y, column_z = (float(v) for v in values)
+    return row_x, row_y, row_z, column_x, column_y, column_z
 
 
 def _files(source: str | Path | Iterable[str | Path]) -> tuple[str, list[Path]]:
@@ -162,22 +171,27 @@ def _read_header(path: Path) -> _Header | None:
             study_instance_uid=str(ds.get("StudyInstanceUID", "")),
             series_instance_uid=str(ds.SeriesInstanceUID),
             modality=str(ds.get("Modality", "")),
-            instance_number=_optional(ds, "InstanceNumber", int),
+            instance_number=_optional_int(ds, "InstanceNumber"),
             position=_vector(ds, "ImagePositionPatient", 3),
             orientation=_vector(ds, "ImageOrientationPatient", 6),
             pixel_spacing=_spacing(ds),
             rows=int(ds.get("Rows", 0) or 0),
             columns=int(ds.get("Columns", 0) or 0),
-            frames=_optional(ds, "NumberOfFrames", int) or 1,
-            thickness=_optional(ds, "SliceThickness", float),
+            frames=_optional_int(ds, "NumberOfFrames") or 1,
+            thickness=_optional_float(ds, "SliceThickness"),
         )
     except (TypeError, ValueError) as error:
         raise SeriesError(f"{path}: malformed header value ({error})") from None
 
 
-def _optional(ds: pydicom.Dataset, keyword: str, kind: type) -> int | float | None:
+def _optional_int(ds: pydicom.Dataset, keyword: str) -> int | None:
     value = ds.get(keyword)
-    return None if value is None or value == "" else kind(value)
+    return None if value is None or value == "" else int(value)
+
+
+def _optional_float(ds: pydicom.Dataset, keyword: str) -> float | None:
+    value = ds.get(keyword)
+    return None if value is None or value == "" else float(value)
 
 
 def _vector(ds: pydicom.Dataset, keyword: str, length: int) -> np.ndarray | None:
@@ -240,17 +254,20 @@ def _check_geometry(headers: list[_Header]) -> np.ndarray:
         if header.rows < 1 or header.columns < 1:
             raise SeriesError(f"{header.path}: missing Rows/Columns")
     first = headers[0]
-    normal = np.cross(first.orientation[:3], first.orientation[3:])
+    orientation = first.orientation
+    assert orientation is not None
+    normal = np.cross(orientation[:3], orientation[3:])
     if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-2):
-        raise SeriesError(f"{first.path}: ImageOrientationPatient {first.orientation.tolist()} is not two unit vectors")
+        raise SeriesError(f"{first.path}: ImageOrientationPatient {orientation.tolist()} is not two unit vectors")
     for header in headers[1:]:
         if (header.rows, header.columns) != (first.rows, first.columns):
             raise SeriesError(
                 f"{header.path}: {header.rows}x{header.columns} pixels, other slices have {first.rows}x{first.columns}"
             )
-        if not np.allclose(header.orientation, first.orientation, atol=_ORIENTATION_TOLERANCE):
+        if header.orientation is None or not np.allclose(header.orientation, orientation,
+                                                         atol=_ORIENTATION_TOLERANCE):
             raise SeriesError(f"{header.path}: ImageOrientationPatient differs from the other slices'")
-    return first.orientation
+    return orientation
 
 
 def _read_pixels(header: _Header, out: np.ndarray) -> None:

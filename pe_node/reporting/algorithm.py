@@ -8,10 +8,20 @@ object, so that a PACS shows the same name and version wherever it looks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
 
 import highdicom as hd
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
+
+
+class EquipmentAttributes(TypedDict):
+    """The General Equipment module as highdicom's constructors take it."""
+
+    manufacturer: str
+    manufacturer_model_name: str
+    software_versions: str
+    institution_name: str | None
 
 
 @dataclass(frozen=True)
@@ -61,13 +71,7 @@ class AlgorithmInfo:
             contribution_description="Automated pulmonary embolism detection",
         )
 
-    def equipment_attributes(self) -> dict[str, str]:
+    def equipment_attributes(self) -> EquipmentAttributes:
         """Keyword arguments of highdicom's SOP classes for the General Equipment module."""
-        attributes = {
-            "manufacturer": self.manufacturer,
-            "manufacturer_model_name": self.name,
-            "software_versions": self.version,
-        }
-        if self.institution is not None:
-            attributes["institution_name"] = self.institution
-        return attributes
+        return EquipmentAttributes(manufacturer=self.manufacturer, manufacturer_model_name=self.name,
+                                   software_versions=self.version, institution_name=self.institution)

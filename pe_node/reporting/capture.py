@@ -59,7 +59,7 @@ def secondary_capture(
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
         instance_number=instance_number,
-        pixel_spacing=series.pixel_spacing,
+        pixel_spacing=series.pixel_spacing,  # type: ignore[arg-type]  # highdicom annotates it as integers
         patient_orientation=patient_orientation(series.orientation),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=[algorithm.contributing_equipment()],

@@ -31,6 +31,7 @@ viewers can tie the SR to its series.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import highdicom as hd
 from highdicom.sr import (
@@ -131,7 +132,7 @@ def structured_report(
 def _groups(
     series: CTSeries, outcome: Prediction | NotAnalysed, algorithm: AlgorithmInfo, tracking_uid: TrackingUid
 ) -> list[Group]:
-    def group(name: str, *, key: str | None = None, identified: bool = True, **content: object) -> Group:
+    def group(name: str, *, key: str | None = None, identified: bool = True, **content: Any) -> Group:
         """A group tracked as ``name`` (UID from ``key``, default ``name``), naming the algorithm if ``identified``."""
         return Group(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(key or name), identifier=name),

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from tests.peers import NodeProcess, free_port, have, node_config
+from tests.peers import NodeProcess, free_port, node_config
 
-needs_dcmtk = pytest.mark.skipif(not have("storescu"), reason="DCMTK is not installed (make test installs it)")
-needs_orthanc = pytest.mark.skipif(not have("Orthanc"), reason="Orthanc is not installed (make test installs it)")
-needs_dicom3tools = pytest.mark.skipif(not have("dciodvfy"), reason="dicom3tools is not installed")
+needs_dcmtk = pytest.mark.peer("dcmtk")
+needs_orthanc = pytest.mark.peer("orthanc")
+needs_dicom3tools = pytest.mark.peer("dicom3tools")
 
 
 @pytest.fixture

@@ -177,8 +177,7 @@ def test_removed_destination_fails_with_a_reason(tmp_path: Path, db: Database, o
     assert row.state == DeliveryState.FAILED and "'retired' is no longer configured" in row.error
 
 
-needs_dicomweb = pytest.mark.skipif(not Orthanc.DICOMWEB_PLUGIN.exists(),
-                                    reason="Orthanc's DICOMweb plugin is not installed (make test installs it)")
+needs_dicomweb = pytest.mark.peer("orthanc", "orthanc-dicomweb")
 
 
 @needs_dicomweb

@@ -88,7 +88,7 @@ def test_logs_are_json_and_never_name_the_patient(analysed) -> None:
 chromium = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(chromium is None, reason="Chromium is not installed (make test installs it)")
+@pytest.mark.peer("chromium")
 def test_status_page_renders_in_headless_chromium(analysed, tmp_path: Path) -> None:
     node, series = analysed
     url = node.web_url()

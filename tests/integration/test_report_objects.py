@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -140,8 +139,8 @@ def probabilities(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> list[fl
     return [m.value for m in group.get_measurements(name=codes.PROBABILITY)]
 
 
-needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
-needs_dsrdump = pytest.mark.skipif(shutil.which("dsrdump") is None, reason="dsrdump (DCMTK) not installed")
+needs_dciodvfy = pytest.mark.peer("dicom3tools")
+needs_dsrdump = pytest.mark.peer("dcmtk")
 
 
 # ---------------------------------------------------------------- fixtures: one report per outcome, written once

@@ -16,12 +16,11 @@ from tests.peers import (
     free_port,
     kill_mid_job,
     node_config,
-    postgres_bin,
     run_dcmtk,
     wait_until,
 )
 
-pytestmark = [needs_dcmtk, pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL is not installed")]
+pytestmark = [needs_dcmtk, pytest.mark.peer("postgresql")]
 
 
 @pytest.fixture

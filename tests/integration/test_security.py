@@ -13,9 +13,9 @@ from pynetdicom.sop_class import Verification
 from pe_node.dicom.scu import Peer, send_files
 from tests.dicom_factory import write_ct_series
 from tests.integration.conftest import needs_dcmtk
-from tests.peers import have, run_dcmtk
+from tests.peers import run_dcmtk
 
-pytestmark = pytest.mark.skipif(not have("openssl"), reason="openssl is not installed")
+pytestmark = pytest.mark.peer("openssl")
 
 
 def openssl(*args: str, cwd: Path) -> None:

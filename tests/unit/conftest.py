@@ -13,15 +13,16 @@ from pathlib import Path
 import pytest
 
 from pe_node.db import Database
-from tests.peers import PostgresServer, postgres_bin
+from tests.peers import PostgresServer, missing_peers, on_ci
 
 _names = itertools.count()
 
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
-    if postgres_bin() is None:
-        pytest.skip("PostgreSQL is not installed (make test installs it)")
+    missing = missing_peers(["postgresql"])
+    if missing:
+        (pytest.fail if on_ci() else pytest.skip)(f"{missing[0]} not installed (make test installs it)")
     server = PostgresServer().start()
     yield server
     server.stop()
