@@ -39,13 +39,18 @@ class SeriesError(ValueError):
 
 @dataclass(frozen=True)
 class SliceRef:
-    """One slice of a series: where it came from and where it lies along the slice normal (mm)."""
+    """One slice of a series: where it came from and where it lies along the slice normal (mm).
+
+    ``frame`` is the slice's frame number (from 1) in a multi-frame image (Enhanced CT), None in a single-frame one;
+    every reference to the slice (SR, captures, key objects, presentation states) names it when it is set.
+    """
 
     sop_instance_uid: str
     sop_class_uid: str
     path: Path
     position: float
     instance_number: int | None
+    frame: int | None = None
 
 
 @dataclass
