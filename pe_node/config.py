@@ -186,6 +186,7 @@ class OutputsConfig(_Section):
     structured_report: bool = True
     secondary_capture: SecondaryCaptureConfig = SecondaryCaptureConfig()
     key_object_selection: bool = False
+    presentation_state: bool = True
 
 
 class DeliveryConfig(_Section):

@@ -72,6 +72,7 @@ class Worker:
             max_images=capture.max_images,
             captures_for_negative=capture.for_negative,
             key_object_selection=config.outputs.key_object_selection,
+            presentation_state=config.outputs.presentation_state,
         )
         info = predictor.model_info()
         self.algorithm = AlgorithmInfo(ALGORITHM_NAME, f"{__version__} weights {str(info.get('sha256') or '-')[:12]}")

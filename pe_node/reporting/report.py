@@ -43,6 +43,7 @@ class ReportOptions:
     max_images: int = 4
     captures_for_negative: bool = False
     key_object_selection: bool = False
+    presentation_state: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.max_images, bool) or not isinstance(self.max_images, int) or not 0 <= self.max_images <= 64:
