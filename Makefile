@@ -11,8 +11,10 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 TEST_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc \
 	/usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb \
 	/usr/lib/postgresql/*/bin/pg_ctl:postgresql openssl:openssl chromium:chromium ojph_compress:openjph-tools
+# The viewer tests' npm packages (the OHIF Viewer, puppeteer-core), pinned by tests/viewer/package-lock.json.
+VIEWER := tests/viewer
 
-.PHONY: run setup demo test test-setup system-tools lint bench clean
+.PHONY: run setup demo test test-setup system-tools viewer-tools lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,7 +52,19 @@ system-tools:
 	    fi; \
 	fi
 
-test-setup: $(BIN)/.installed-test system-tools
+# npm ci, again only when the lock file changed. No browser is downloaded: the tests drive the chromium package.
+$(VIEWER)/node_modules/.installed: $(VIEWER)/package.json $(VIEWER)/package-lock.json
+	cd $(VIEWER) && PUPPETEER_SKIP_DOWNLOAD=1 npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $@
+
+viewer-tools:
+	@if command -v npm >/dev/null 2>&1; then \
+	    $(MAKE) --no-print-directory $(VIEWER)/node_modules/.installed; \
+	else \
+	    echo "warning: npm is missing (the OHIF viewer tests are skipped, or fail under CI=true)"; \
+	fi
+
+test-setup: $(BIN)/.installed-test system-tools viewer-tools
 
 # ruff (pyflakes, pycodestyle, isort, bugbear, pyupgrade) over the tree, mypy over pe_node/ (pyproject.toml)
 lint: $(BIN)/.installed-test
@@ -64,4 +78,4 @@ bench: test-setup
 	$(BIN)/python bench/bench_ingest.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache $(VIEWER)/node_modules

@@ -388,6 +388,9 @@ PEERS: dict[str, tuple[str, Any]] = {
     "postgresql": ("PostgreSQL", lambda: postgres_bin() is not None),
     "chromium": ("Chromium", lambda: _chromium() is not None),
     "openssl": ("openssl", lambda: have("openssl")),
+    "ohif": ("the OHIF Viewer and puppeteer-core npm packages with Node.js (make test-setup: npm ci in tests/viewer)",
+             lambda: have("node") and (REPO / "tests/viewer/node_modules/@ohif/app/dist/index.html").is_file()
+             and (REPO / "tests/viewer/node_modules/puppeteer-core/package.json").is_file()),
 }
 
 
