@@ -2,7 +2,8 @@
 
 The int16 HU volume streams through preprocessing and stage 1 in batches (never a float copy of the whole volume),
 stage 2 runs once over all slice embeddings in float32, the exam probabilities are made label-consistent with the
-image probabilities, and class-activation maps are computed for a few chosen slices.
+image probabilities, and class-activation maps are computed for a few chosen slices: the key slices and the peak
+slice of each located finding (``pe_node.located``), whose region the reports draw from its map.
 
 Stage 1 has a fast path (the default) and the plain float32 path (``fast=False``, for comparison and benchmarks).
 The fast path runs under ``torch.inference_mode`` in channels-last memory format with batch norm folded into the
@@ -26,6 +27,7 @@ import torch
 
 from pe_node import __version__
 from pe_node.findings import EXAM_LABELS, Prediction
+from pe_node.located import peak_slices
 from pe_node.model.cam import activation_maps, to_slice
 from pe_node.model.checkpoint import CheckpointMeta, load_checkpoint
 from pe_node.model.cnn_lstm import PEModel
@@ -146,7 +148,9 @@ class Predictor:
 
         ``cam_slices`` asks for class-activation maps: an int k means the k slices with the highest image
         probability times attention weight (the slices that both the image head and the study attention point
-        at); a sequence gives slice indices. Timings: preprocess, stage1, stage2, cam, total.
+        at) and, when k > 0, the peak slice of each located finding (at most ``located.MAX_FINDINGS``), so that
+        every finding of the report gets its region; a sequence gives slice indices. Timings: preprocess, stage1,
+        stage2, cam, total.
         """
         hu = _check_series(series)
         timer = _Timer(self.device)
@@ -162,7 +166,7 @@ class Predictor:
                 consistent = make_consistent(exam, image)
             image = consistent.image.astype(np.float32)
             with timer.phase("cam"):
-                indices = self._cam_indices(cam_slices, image, attention)
+                indices = cam_indices(cam_slices, image, attention)
                 cams = self._cams(hu, indices, box)
         phases = ("preprocess", "stage1", "stage2", "cam", "total")
         return Prediction(
@@ -272,18 +276,25 @@ class Predictor:
         folded = fold_batchnorm(encoder, example, run=lambda net, x: net.forward_features(x))
         return folded.to(memory_format=torch.channels_last)
 
-    def _cam_indices(self, cam_slices: int | Sequence[int], image: np.ndarray, attention: np.ndarray) -> list[int]:
-        count = len(image)
-        if isinstance(cam_slices, (int, np.integer)):
-            if cam_slices < 0:
-                raise ValueError(f"cam_slices {cam_slices}: must be >= 0")
-            order = np.argsort(-(image.astype(np.float64) * attention), kind="stable")
-            return [int(i) for i in order[: int(cam_slices)]]
-        indices = list(dict.fromkeys(int(i) for i in cam_slices))
-        outside = [i for i in indices if not 0 <= i < count]
-        if outside:
-            raise ValueError(f"cam_slices {outside}: outside the series' {count} slices")
-        return indices
+def cam_indices(cam_slices: int | Sequence[int], image: np.ndarray, attention: np.ndarray) -> list[int]:
+    """The slices that ``predict`` maps for ``cam_slices`` (see there), given the image probabilities and attention.
+
+    For an int k: the k slices with the highest image probability times attention, then the peak slice of each
+    located finding that is not among them.
+    """
+    count = len(image)
+    if isinstance(cam_slices, (int, np.integer)):
+        if cam_slices < 0:
+            raise ValueError(f"cam_slices {cam_slices}: must be >= 0")
+        if cam_slices == 0:
+            return []
+        order = np.argsort(-(image.astype(np.float64) * attention), kind="stable")
+        return list(dict.fromkeys([*(int(i) for i in order[: int(cam_slices)]), *peak_slices(image)]))
+    indices = list(dict.fromkeys(int(i) for i in cam_slices))
+    outside = [i for i in indices if not 0 <= i < count]
+    if outside:
+        raise ValueError(f"cam_slices {outside}: outside the series' {count} slices")
+    return indices
 
 
 def _precision(precision: str, fast: bool, device: torch.device) -> str:

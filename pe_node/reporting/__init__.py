@@ -1,4 +1,5 @@
-"""DICOM result objects of pe-node: the TID 1500 SR, key-slice secondary captures and a key object selection.
+"""DICOM result objects of pe-node: the TID 1500 SR, key-slice secondary captures, a presentation state and a key
+object selection.
 
 Callers use :func:`build_report` and the small types around it; the modules below it each build one kind of object.
 """

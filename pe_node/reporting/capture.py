@@ -1,10 +1,18 @@
-"""Secondary captures of key slices: single-frame RGB, the overlay and a "NOT FOR DIAGNOSTIC USE" banner burned in.
+"""Secondary captures of key slices: single-frame RGB, the overlay burned in, a "NOT FOR DIAGNOSTIC USE" band below.
 
 Each capture is a highdicom SC image in the source study, with BurnedInAnnotation YES, Conversion Type WSD
-(made on a workstation), and a SourceImageSequence item that points at the CT slice it shows.
+(made on a workstation), and a SourceImageSequence item that points at the CT slice it shows (and its frame).
+
+The capture is the whole slice with a black band added below it (:func:`overlay.with_band`), so it is taller than
+the slice. The text sits outside the image, where it neither hides anatomy nor lies under the text and the cine
+control that viewers (OHIF) draw over the top of an image. It names the finding the slice belongs to (side,
+extent) and the slice's own probability. Pixel (row, column) of the slice is the same pixel of the capture, so
+PixelSpacing and PatientOrientation stay true for the image part; the band's rows show no anatomy.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
@@ -12,10 +20,12 @@ from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pe_node.findings import Prediction
+from pe_node.located import Finding, describe
 from pe_node.model.preprocess import PE_WINDOW
 from pe_node.pipeline.series import CTSeries
 from pe_node.reporting import codes as pe_codes
 from pe_node.reporting.algorithm import AlgorithmInfo
+from pe_node.reporting.evidence import image_reference
 from pe_node.reporting.overlay import render
 
 SERIES_DESCRIPTION = "pe-node attention maps - NOT FOR DIAGNOSTIC USE"
@@ -28,6 +38,7 @@ def secondary_capture(
     series: CTSeries,
     prediction: Prediction,
     index: int,
+    findings: Sequence[Finding],
     *,
     header: Dataset,
     algorithm: AlgorithmInfo,
@@ -36,17 +47,17 @@ def secondary_capture(
     sop_instance_uid: str,
     instance_number: int,
 ) -> hd.sc.SCImage:
-    """The capture of slice ``index`` (slice order) of ``series``; ``header`` gives patient and study."""
+    """The capture of slice ``index`` (slice order) of ``series``, naming the finding of ``findings`` it lies in;
+    ``header`` gives patient and study."""
     probability = float(prediction.image[index])
-    attention = _relative_attention(prediction.attention, index)
-    position = f"slice {index + 1}/{len(series)}"
-    number = series.slices[index].instance_number
+    finding = _finding_line(series, findings, index)
     pixels = render(
         series.hu[index],
         prediction.cams.get(index),
         [
-            f"PE probability {probability:.2f}  attention {attention:.2f} of max",
-            position if number is None else f"CT image {number} ({position})",
+            finding,
+            f"this slice: {_slice_name(series, index)}, p {probability:.2f}, "
+            f"attention {_relative_attention(prediction.attention, index):.2f} of max",
         ],
     )
     capture = hd.sc.SCImage.from_ref_dataset(
@@ -73,10 +84,10 @@ def secondary_capture(
     capture.BurnedInAnnotation = "YES"
     capture.SourceImageSequence = [_source_image(series, index)]
     capture.DerivationDescription = (
-        f"CT slice in window WL {PE_WINDOW[0]:g} / WW {PE_WINDOW[1]:g} with the model's attention map; "
-        "not for diagnostic use"
+        f"CT slice in window WL {PE_WINDOW[0]:g} / WW {PE_WINDOW[1]:g} with the model's attention map, "
+        "a text band added below; not for diagnostic use"
     )
-    capture.ImageComments = f"PE probability {probability:.4f}; NOT FOR DIAGNOSTIC USE"
+    capture.ImageComments = f"{finding}; slice PE probability {probability:.4f}; NOT FOR DIAGNOSTIC USE"
     return capture
 
 
@@ -94,10 +105,22 @@ def _relative_attention(attention: np.ndarray, index: int) -> float:
     return float(attention[index]) / peak if peak > 0 else 0.0
 
 
-def _source_image(series: CTSeries, index: int) -> Dataset:
+def _finding_line(series: CTSeries, findings: Sequence[Finding], index: int) -> str:
+    for number, finding in enumerate(findings, start=1):
+        if index in finding:
+            return f"{describe(finding, series)} (finding {number} of {len(findings)})"
+    return "no located PE finding on this slice"
+
+
+def _slice_name(series: CTSeries, index: int) -> str:
     ref = series.slices[index]
-    item = Dataset()
-    item.ReferencedSOPClassUID = ref.sop_class_uid
-    item.ReferencedSOPInstanceUID = ref.sop_instance_uid
+    position = f"slice {index + 1}/{len(series)}"
+    if ref.frame is not None:
+        return f"frame {ref.frame} ({position})"
+    return position if ref.instance_number is None else f"CT image {ref.instance_number} ({position})"
+
+
+def _source_image(series: CTSeries, index: int) -> Dataset:
+    item = image_reference(series, index)
     item.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(pe_codes.SOURCE_FOR_PROCESSING)]
     return item

@@ -4,8 +4,9 @@ Standard concepts come from SNOMED CT (SCT), DICOM (DCM, PS3.16 Annex D) and UCU
 DICOM context groups that list them (pydicom's concept dictionary). Two concepts have no standard code and live in a
 private scheme that every object using it declares in its CodingSchemeIdentificationSequence (PS3.3 C.12.1.1.4):
 
-- the RV/LV diameter ratio >= 1 (the RSNA-STR label of right-heart strain), and
-- the reason a series was not analysed (with the reasons DICOM has no code for).
+- the RV/LV diameter ratio >= 1 (the RSNA-STR label of right-heart strain),
+- the reason a series was not analysed (with the reasons DICOM has no code for), and
+- the first and last slice of a located finding (its extent along the series).
 
 The domain's outcomes (``pe_node.findings``: exam result, clinical course, reason not analysed) are coded by the
 mappings at the end of this module, the one place that ties them to concepts.
@@ -24,6 +25,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from pe_node.findings import ClinicalCourse, ExamLabel, ExamResult, NotAnalysedReason
+from pe_node.located import Side
 
 PRIVATE_SCHEME = "99PENODE"
 """Coding Scheme Designator of pe-node's private concepts ("99" prefix: local scheme, PS3.3 8.2)."""
@@ -42,12 +44,22 @@ def private_coding_scheme() -> CodingSchemeIdentificationItem:
 PULMONARY_EMBOLISM = Code("59282003", "SCT", "Pulmonary embolism")
 PULMONARY_ARTERY = Code("81040000", "SCT", "Pulmonary artery")
 
+# TID 1500 containers and TID 1501 content that highdicom does not name
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+FINDING_SITE: Code = codes.SCT.FindingSite
+COMMENT: Code = codes.DCM.Comment
+IMAGE_REGION: Code = codes.DCM.ImageRegion
+SOURCE = Code("260753009", "SCT", "Source")
+
 # Concept name of the chronicity evaluation (SNOMED CT attribute); its values are COURSE_CODES
 CLINICAL_COURSE = Code("263502005", "SCT", "Clinical course")
 
 # Measurement: DCM 122157 "Probability" (PS3.16 Annex D), dimensionless, UCUM "1"
 PROBABILITY: Code = codes.DCM.Probability
 NO_UNITS: Code = codes.UCUM.NoUnits
+
+# Language of the content (TID 1204)
+ENGLISH = Code("en-US", "RFC5646", "English (United States)")
 
 # Procedure reported (CID 100)
 IMAGING_PROCEDURE: Code = codes.SCT.ImagingProcedure
@@ -61,6 +73,8 @@ SOURCE_FOR_PROCESSING: Code = codes.DCM.SourceImageForImageProcessingOperation
 # Private concepts
 RV_LV_RATIO_GTE_1 = Code("RVLV-GTE-1", PRIVATE_SCHEME, "RV/LV diameter ratio >= 1")
 REASON_NOT_ANALYSED = Code("NA-REASON", PRIVATE_SCHEME, "Reason not analysed")
+FIRST_SLICE = Code("EXT-FIRST", PRIVATE_SCHEME, "First slice of finding")
+LAST_SLICE = Code("EXT-LAST", PRIVATE_SCHEME, "Last slice of finding")
 
 
 class Evaluation(enum.Enum):
@@ -90,6 +104,13 @@ LOCATION_LABELS: dict[Location, ExamLabel] = {
     Location.RIGHT: ExamLabel.RIGHT,
 }
 """The RSNA-STR location label of each artery."""
+
+SIDE_LOCATIONS: dict[Side, Location] = {
+    Side.CENTRAL: Location.CENTRAL,
+    Side.LEFT: Location.LEFT,
+    Side.RIGHT: Location.RIGHT,
+}
+"""The artery a located finding's side stands for (its finding site; the pulmonary artery when not determined)."""
 
 EVALUATIONS: dict[ExamResult, Evaluation] = {
     ExamResult.POSITIVE: Evaluation.PRESENT,

@@ -59,6 +59,17 @@ def slice_reference(series: CTSeries, index: int) -> Dataset:
     return dataset
 
 
+def image_reference(series: CTSeries, index: int) -> Dataset:
+    """A Referenced SOP item (Image SOP Instance Reference Macro) of slice ``index``, with its frame if it has one."""
+    ref = series.slices[index]
+    item = Dataset()
+    item.ReferencedSOPClassUID = ref.sop_class_uid
+    item.ReferencedSOPInstanceUID = ref.sop_instance_uid
+    if ref.frame is not None:
+        item.ReferencedFrameNumber = ref.frame
+    return item
+
+
 def series_references(series: CTSeries, header: Dataset) -> list[Dataset]:
     """Every slice in slice order, ``header`` (from :func:`study_header`) standing for the first one."""
     return [header, *(slice_reference(series, i) for i in range(1, len(series.slices)))]

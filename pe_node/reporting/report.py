@@ -1,13 +1,15 @@
 """The one entry point of reporting: :func:`build_report` turns an outcome on a series into DICOM result objects.
 
 All objects go into the source study (patient and study attributes copied from the series header), each kind in
-its own new series: the SR at ``series_number_base``, the captures at ``+1``, the key object selection at ``+2``.
+its own new series: the SR at ``series_number_base``, the captures at ``+1``, the key object selection at ``+2``,
+the presentation state at ``+3``. The SR, the captures and the presentation state all show the same located
+findings (``pe_node.located``), found once here.
 
 UIDs are derived, not random: every UID of a report is a hash of what the report is made from (the source series
 and its slices, the outcome, the algorithm, the options and the reports it supersedes). A job that crashes after
 building or sending its objects and runs again produces the same UIDs, so a PACS stores each object once; a report
 made from different inputs (a late instance, a new model version) gets new UIDs. Tracking UIDs depend on the source
-series only, so a superseding report tracks the same findings under the same tracking UIDs.
+series and a finding's peak slice only, so a superseding report tracks the same findings under the same UIDs.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 
 from pe_node.findings import EXAM_LABELS, THRESHOLD, ExamResult, NotAnalysed, Prediction, exam_result
+from pe_node.located import Finding, locate_findings
 from pe_node.pipeline.series import CTSeries
 from pe_node.reporting.algorithm import AlgorithmInfo
 from pe_node.reporting.capture import secondary_capture
 from pe_node.reporting.evidence import slice_header, study_header
 from pe_node.reporting.kos import key_object_selection
+from pe_node.reporting.presentation import presentation_state
 from pe_node.reporting.sr import structured_report
 
 MAX_SERIES_NUMBER = 2**31 - 1
@@ -37,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ReportOptions:
-    """Which objects to make besides the SR (``outputs`` of config.yaml)."""
+    """Which objects to make besides the SR (``outputs`` of config.yaml); a presentation state is made only when
+    there are located findings to draw."""
 
     secondary_capture: bool = True
     max_images: int = 4
@@ -57,11 +62,13 @@ class ReportObjects:
     sr: Dataset
     secondary_captures: tuple[Dataset, ...] = ()
     key_object_selection: Dataset | None = None
+    presentation_state: Dataset | None = None
 
     def all(self) -> list[Dataset]:
-        """Every object, each before the objects that reference it: captures, SR, key object selection."""
-        kos = [] if self.key_object_selection is None else [self.key_object_selection]
-        return [*self.secondary_captures, self.sr, *kos]
+        """Every object, each before the objects that reference it: captures, presentation state, SR, key object
+        selection (which references the captures)."""
+        optional = (self.presentation_state, self.sr, self.key_object_selection)
+        return [*self.secondary_captures, *(d for d in optional if d is not None)]
 
 
 def build_report(
@@ -73,7 +80,8 @@ def build_report(
     previous: Sequence[Dataset] = (),
     series_number_base: int = 9000,
 ) -> ReportObjects:
-    """The SR, the key-slice captures and (optionally) the key object selection of ``outcome`` on ``series``.
+    """The SR, the key-slice captures, the presentation state and the key object selection (as ``options`` say) of
+    ``outcome`` on ``series``.
 
     ``previous`` are earlier SRs of this series that this report supersedes (a re-opened series); the SR lists them
     in its Predecessor Documents Sequence. Raises ValueError when the outcome does not belong to the series.
@@ -82,12 +90,18 @@ def build_report(
     _check_inputs(series, outcome, previous, series_number_base)
     uid = _uid_source(series, outcome, algorithm, options, previous)
     header = study_header(series)
+    findings = locate_findings(outcome, series) if isinstance(outcome, Prediction) else []
+
+    def tracking_uid(key: str) -> str:
+        return generate_uid(entropy_srcs=[_joined(series.series_instance_uid, "tracking", key)])
+
     sr = structured_report(
         series,
         outcome,
+        findings,
         header=header,
         algorithm=algorithm,
-        tracking_uid=lambda key: generate_uid(entropy_srcs=[_joined(series.series_instance_uid, "tracking", key)]),
+        tracking_uid=tracking_uid,
         series_instance_uid=uid("sr-series"),
         series_number=series_number_base,
         sop_instance_uid=uid("sr"),
@@ -101,6 +115,7 @@ def build_report(
             series,
             outcome,
             index,
+            findings,
             header=header,
             algorithm=algorithm,
             series_instance_uid=uid("sc-series"),
@@ -115,13 +130,26 @@ def build_report(
         kos = key_object_selection(
             [slice_header(series, header, index) for index in keys],
             captures,
+            frames=[series.slices[index].frame for index in keys],
             algorithm=algorithm,
             series_instance_uid=uid("ko-series"),
             series_number=series_number_base + 2,
             sop_instance_uid=uid("ko"),
         )
-    objects = ReportObjects(sr=sr, secondary_captures=captures, key_object_selection=kos)
-    return _logged(series, exam_result(outcome).name, objects, started)
+    state = None
+    if options.presentation_state and findings:
+        state = presentation_state(
+            series,
+            findings,
+            header=header,
+            algorithm=algorithm,
+            tracking_uid=tracking_uid,
+            series_instance_uid=uid("pr-series"),
+            series_number=series_number_base + 3,
+            sop_instance_uid=uid("pr"),
+        )
+    objects = ReportObjects(sr=sr, secondary_captures=captures, key_object_selection=kos, presentation_state=state)
+    return _logged(series, exam_result(outcome).name, objects, started, findings)
 
 
 def key_slices(prediction: Prediction, result: ExamResult, options: ReportOptions) -> list[int]:
@@ -143,13 +171,18 @@ def key_slices(prediction: Prediction, result: ExamResult, options: ReportOption
     return [int(candidates[i]) for i in order[: options.max_images]]
 
 
-def _logged(series: CTSeries, result: str, objects: ReportObjects, started: float) -> ReportObjects:
+def _logged(
+    series: CTSeries, result: str, objects: ReportObjects, started: float, findings: Sequence[Finding] = ()
+) -> ReportObjects:
     logger.info(
-        "report for series %s: %s, SR %s, %d captures, key objects %s, %.3f s",
+        "report for series %s: %s, %d located findings, SR %s, %d captures, presentation state %s, "
+        "key objects %s, %.3f s",
         series.series_instance_uid,
         result,
+        len(findings),
         objects.sr.SOPInstanceUID,
         len(objects.secondary_captures),
+        "yes" if objects.presentation_state is not None else "no",
         "yes" if objects.key_object_selection is not None else "no",
         time.perf_counter() - started,
     )
@@ -161,8 +194,8 @@ def _check_inputs(
 ) -> None:
     if not isinstance(outcome, (Prediction, NotAnalysed)):
         raise TypeError(f"outcome must be a Prediction or NotAnalysed, got {type(outcome).__name__}")
-    if not 1 <= series_number_base <= MAX_SERIES_NUMBER - 2:
-        raise ValueError(f"series_number_base must lie in 1..{MAX_SERIES_NUMBER - 2}, got {series_number_base}")
+    if not 1 <= series_number_base <= MAX_SERIES_NUMBER - 3:
+        raise ValueError(f"series_number_base must lie in 1..{MAX_SERIES_NUMBER - 3}, got {series_number_base}")
     for dataset in previous:
         if dataset.get("Modality") != "SR" or dataset.get("StudyInstanceUID") != series.study_instance_uid:
             raise ValueError(
@@ -185,9 +218,11 @@ def _check_prediction(series: CTSeries, prediction: Prediction) -> None:
     missing = [label for label in EXAM_LABELS if label not in prediction.exam]
     if missing:
         raise ValueError(f"prediction.exam lacks the labels {missing}")
-    for index in prediction.cams:
+    for index, cam in prediction.cams.items():
         if not 0 <= index < len(series):
             raise ValueError(f"prediction.cams has slice index {index}, the series has {len(series)} slices")
+        if np.shape(cam) != series.hu.shape[1:]:
+            raise ValueError(f"prediction.cams[{index}] has shape {np.shape(cam)}, the slices {series.hu.shape[1:]}")
 
 
 def _uid_source(

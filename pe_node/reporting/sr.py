@@ -1,45 +1,70 @@
-"""The Comprehensive 3D SR of one analysis: TID 1500 Measurement Report with one TID 1501 group per statement.
+"""The Comprehensive 3D SR of one analysis: a TID 1500 Measurement Report of located findings and exam statements.
 
-Content tree (DESIGN.md "Result objects")::
+Content tree (DESIGN.md "Result objects"). Every container is SEPARATE, so that text renderings (DCMTK dsr2html,
+the text view many PACS offer) print each item with its concept name::
 
     Imaging Measurement Report (DCM 126000), language, device observer, procedure reported
       Image Library (TID 1600): the slices referenced below (or the first slice), shared descriptors once
-      Imaging Measurements
-        exam:      Finding PE, site pulmonary artery, TID 4019, Probability (DCM 122157, UCUM "1"),
-                   "Pulmonary embolism" = Present | Absent | Undetermined | Not Evaluated
-                   (not analysed: no probability, "Reason not analysed" as a code and as text)
+      Imaging Measurements (DCM 126010), only when there are located findings
+        Measurement Group (TID 1501), one per located finding (pe_node.located), in slice order:
+          Tracking Identifier "Cornerstone3DTools@^0.1.0:<tool>:PE finding <n>", Tracking Unique Identifier
+          Finding = Pulmonary embolism
+            HAS PROPERTIES SCOORD3D: the region in patient mm in the CT's frame of reference
+          Finding Site = pulmonary trunk | left | right pulmonary artery (pulmonary artery when the side is not
+            determined), TID 4019 algorithm identification
+          Probability (the peak slice's image probability, UCUM "1")
+            INFERRED FROM SCOORD ELLIPSE | POINT (pixel column/row) SELECTED FROM the peak CT slice (and frame)
+          Comment: the reader's label, "PE, right, images 48-61, p 0.96"
+          First slice of finding, Last slice of finding: the CT slices of its extent (private concepts)
+      Qualitative Evaluations (UMLS C0034375)
+        TID 4019 algorithm identification
+        Pulmonary embolism (site pulmonary artery) = Present | Absent | Undetermined | Not Evaluated,
+          INFERRED FROM its Probability (none when not analysed)
+        not analysed: "Reason not analysed" as a code and as text
         positive exams only:
-        location:  one group each for pulmonary trunk (central), left and right pulmonary artery,
-                   Probability and Present | Absent
-        course:    "Clinical course" = Acute onset | Chronic | Acute-on-chronic, with the probability of chronic
-                   and of acute-on-chronic, each NUM qualified by the course it is the probability of
-        RV/LV:     private finding "RV/LV diameter ratio >= 1", Probability and Present | Absent
-        slices:    one group per slice with image probability > 0.5: finding, probability, source image
+        Pulmonary embolism (site pulmonary trunk, left, right pulmonary artery) = Present | Absent, INFERRED FROM
+          Probability (the RSNA-STR central / left / right labels)
+        Clinical course = Acute onset | Chronic | Acute-on-chronic, INFERRED FROM the probability of chronic and of
+          acute-on-chronic, each NUM qualified by the course it is the probability of
+        RV/LV diameter ratio >= 1 (private) = Present | Absent, INFERRED FROM Probability
 
-Negative and indeterminate exams carry only the exam group: under the RSNA-STR rules their location, course and
-RV/LV labels are forced to <= 0.5 and describe an embolism the model says is not there. Every group has a
-tracking identifier and a tracking UID (OHIF needs both); the UIDs are derived from the source series, so a
-superseding report tracks the same findings under the same UIDs.
+What OHIF (3.13, cornerstone-dicom-sr) needs shapes the measurement groups: every group under Imaging Measurements
+has spatial coordinates, or loading the SR fails; the SCOORD sits alone under the group's first NUM (the shape
+dcmjs writes), so the viewer draws the 2D region on the referenced slice (see :func:`_scoord3d`); the tracking
+identifier names the tool the region maps to (ELLIPSE: EllipticalROI, POINT: Probe), so the measurements panel
+lists it, with the Comment as its label. Exam-level statements have no place on an image and sit in Qualitative
+Evaluations: a negative, indeterminate or not-analysed report has no Imaging Measurements container at all (TID 1500
+needs one of Imaging Measurements and Qualitative Evaluations; OHIF 3.13 loads such an SR but cannot show it in its
+SR viewport, which needs a measurement). Negative and indeterminate exams state only the exam finding: under the
+RSNA-STR rules their location, course and RV/LV labels are forced to <= 0.5 and describe an embolism the model says
+is not there.
+
+Tracking UIDs are derived from the source series and the finding's peak slice, so a superseding report tracks the
+same finding under the same UID.
 
 Evidence (Current Requested Procedure Evidence Sequence) lists every slice of the series: the model read them all.
 The Image Library lists only the slices the content references, which is what TID 1500 readers (OHIF) use it for:
-listing all 1,100 slices of a thin series there costs ~2 s in highdicom's SR constructor. A report that references
-no slice (negative, indeterminate, not analysed) lists the first slice, so that the library is not empty and
-viewers can tie the SR to its series.
+listing all 1,100 slices of a thin series there costs ~2 s in highdicom's SR constructor (~1 ms per content item,
+which is also why the tree holds at most ``located.MAX_FINDINGS`` groups). A report that references no slice
+lists the first slice, so that the library is not empty and viewers can tie the SR to its series.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import highdicom as hd
+import numpy as np
 from highdicom.sr import (
     CodeContentItem,
     ContainerContentItem,
+    ContentItem,
     ContentSequence,
     ImageContentItem,
+    NumContentItem,
     RelationshipTypeValues,
+    Scoord3DContentItem,
+    ScoordContentItem,
     TextContentItem,
 )
 from pydicom import Dataset
@@ -57,8 +82,8 @@ from pe_node.findings import (
     clinical_course,
     exam_probability,
     exam_result,
-    positive_slices,
 )
+from pe_node.located import Finding, Shape, describe, patient_points
 from pe_node.pipeline.series import CTSeries
 from pe_node.reporting import codes as pe_codes
 from pe_node.reporting.algorithm import AlgorithmInfo
@@ -67,21 +92,24 @@ from pe_node.reporting.codes import (
     EVALUATIONS,
     LOCATION_LABELS,
     NOT_ANALYSED_CODES,
+    SIDE_LOCATIONS,
     Evaluation,
     Location,
 )
 from pe_node.reporting.evidence import series_references
 
 SERIES_DESCRIPTION = "pe-node PE analysis (SR) - PRELIMINARY"
+TOOL_TAG = "Cornerstone3DTools@^0.1.0"
+"""The prefix of a tracking identifier that OHIF maps to a Cornerstone3D tool."""
+TOOLS = {Shape.ELLIPSE: "EllipticalROI", Shape.POINT: "Probe"}
+"""The Cornerstone3D tool that draws each region shape."""
 
 TrackingUid = Callable[[str], str]
-"""Gives the tracking UID of the group keyed by its argument."""
+"""Gives the tracking UID of the finding keyed by its argument."""
 
-Group = hd.sr.MeasurementsAndQualitativeEvaluations
-GroupMaker = Callable[..., Group]
-"""Makes a TID 1501 group from its tracking identifier and highdicom's group arguments."""
-
-_SOURCE = Code("260753009", "SCT", "Source")
+_CONTAINS = RelationshipTypeValues.CONTAINS
+_INFERRED_FROM = RelationshipTypeValues.INFERRED_FROM
+_CONCEPT_MOD = RelationshipTypeValues.HAS_CONCEPT_MOD
 _DESCRIBED_BY = ("Rows", "Columns", "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient")
 _PER_IMAGE_DESCRIPTORS = (
     codes.DCM.ImagePositionPatientX,
@@ -93,6 +121,7 @@ _PER_IMAGE_DESCRIPTORS = (
 def structured_report(
     series: CTSeries,
     outcome: Prediction | NotAnalysed,
+    findings: Sequence[Finding],
     *,
     header: Dataset,
     algorithm: AlgorithmInfo,
@@ -102,15 +131,13 @@ def structured_report(
     sop_instance_uid: str,
     previous: Sequence[Dataset],
 ) -> hd.sr.Comprehensive3DSR:
-    """The SR of ``outcome`` on ``series``; ``header`` is the private :func:`evidence.study_header` copy."""
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=algorithm.observer_context()),
-        procedure_reported=pe_codes.IMAGING_PROCEDURE,
-        imaging_measurements=_groups(series, outcome, algorithm, tracking_uid),
-    )
-    root = report[0]
-    library = _image_library(series, header, _library_slices(outcome))
-    root.ContentSequence.insert(len(root.ContentSequence) - 1, library)
+    """The SR of ``outcome`` and its located ``findings`` on ``series``; ``header`` is the private
+    :func:`evidence.study_header` copy."""
+    content: list[ContentItem] = [_image_library(series, header, _library_slices(findings))]
+    if findings:
+        content.append(_imaging_measurements(series, header, findings, algorithm, tracking_uid))
+    content.append(_qualitative_evaluations(outcome, algorithm))
+    root = _root(algorithm, content)
     return hd.sr.Comprehensive3DSR(
         evidence=series_references(series, header),
         content=root,
@@ -129,140 +156,214 @@ def structured_report(
     )
 
 
-def _groups(
-    series: CTSeries, outcome: Prediction | NotAnalysed, algorithm: AlgorithmInfo, tracking_uid: TrackingUid
-) -> list[Group]:
-    def group(name: str, *, key: str | None = None, identified: bool = True, **content: Any) -> Group:
-        """A group tracked as ``name`` (UID from ``key``, default ``name``), naming the algorithm if ``identified``."""
-        return Group(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(key or name), identifier=name),
-            algorithm_id=algorithm.identification() if identified else None,
-            **content,
-        )
-
-    if isinstance(outcome, NotAnalysed):
-        return [_not_analysed_group(group, outcome)]
-    result = exam_result(outcome)
-    groups = [
-        group(
-            "PE exam",
-            finding_type=pe_codes.PULMONARY_EMBOLISM,
-            finding_sites=[hd.sr.FindingSite(pe_codes.PULMONARY_ARTERY)],
-            measurements=[_probability(exam_probability(outcome))],
-            qualitative_evaluations=[_evaluation(pe_codes.PULMONARY_EMBOLISM, EVALUATIONS[result])],
-        )
-    ]
-    if result is ExamResult.POSITIVE:
-        groups += [_location_group(group, outcome, location) for location in Location]
-        groups += [_course_group(group, outcome), _rv_lv_group(group, outcome)]
-    groups += [_slice_group(group, series, outcome, index) for index in positive_slices(outcome)]
-    return groups
+def tracking_identifier(finding: Finding, number: int) -> str:
+    """The tracking identifier of finding ``number`` (from 1): the OHIF tool of its region, then its name."""
+    return f"{TOOL_TAG}:{TOOLS[finding.region.shape]}:PE finding {number}"
 
 
-def _not_analysed_group(group: GroupMaker, outcome: NotAnalysed) -> Group:
-    """The exam group of a series that was not analysed: "Not Evaluated", the coded reason and its detail."""
-    exam = group(
-        "PE exam",
+def tracking_key(series: CTSeries, finding: Finding) -> str:
+    """What a finding's tracking UID is derived from: its peak slice (and frame)."""
+    ref = series.slices[finding.peak]
+    return f"finding {ref.sop_instance_uid} {ref.frame or ''}"
+
+
+def _root(algorithm: AlgorithmInfo, content: Sequence[ContentItem]) -> ContainerContentItem:
+    """TID 1500 rows 1-4 (title, language, observer, procedure reported) holding ``content``.
+
+    Built here rather than by highdicom's MeasurementReport, which requires Imaging Measurements.
+    """
+    root = ContainerContentItem(name=codes.DCM.ImagingMeasurementReport, is_content_continuous=False,
+                                template_id="1500")
+    root.ContentSequence = ContentSequence(
+        [
+            *hd.sr.LanguageOfContentItemAndDescendants(hd.sr.CodedConcept.from_code(pe_codes.ENGLISH)),
+            *hd.sr.ObservationContext(observer_device_context=algorithm.observer_context()),
+            CodeContentItem(name=codes.DCM.ProcedureReported, value=pe_codes.IMAGING_PROCEDURE,
+                            relationship_type=_CONCEPT_MOD),
+            *content,
+        ]
+    )
+    return root
+
+
+# ---------------------------------------------------------------- Imaging Measurements: located findings
+
+
+def _imaging_measurements(
+    series: CTSeries, header: Dataset, findings: Sequence[Finding], algorithm: AlgorithmInfo,
+    tracking_uid: TrackingUid,
+) -> ContainerContentItem:
+    container = ContainerContentItem(name=codes.DCM.ImagingMeasurements, is_content_continuous=False,
+                                     relationship_type=_CONTAINS)
+    container.ContentSequence = ContentSequence(
+        [
+            item
+            for number, finding in enumerate(findings, start=1)
+            for item in _finding_group(series, header, finding, number, algorithm, tracking_uid)
+        ]
+    )
+    return container
+
+
+def _finding_group(
+    series: CTSeries, header: Dataset, finding: Finding, number: int, algorithm: AlgorithmInfo,
+    tracking_uid: TrackingUid,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 for one located finding: the peak probability with its region, the label and the extent."""
+    probability = _measurement(finding.probability)
+    probability[0].ContentSequence = ContentSequence([_scoord(series, finding)])
+    site = SIDE_LOCATIONS[finding.side].value if finding.side is not None else pe_codes.PULMONARY_ARTERY
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid(tracking_key(series, finding)), identifier=tracking_identifier(finding, number)
+        ),
         finding_type=pe_codes.PULMONARY_EMBOLISM,
-        finding_sites=[hd.sr.FindingSite(pe_codes.PULMONARY_ARTERY)],
-        qualitative_evaluations=[
-            _evaluation(pe_codes.PULMONARY_EMBOLISM, Evaluation.NOT_EVALUATED),
-            hd.sr.QualitativeEvaluation(name=pe_codes.REASON_NOT_ANALYSED, value=NOT_ANALYSED_CODES[outcome.reason]),
-        ],
+        finding_sites=[hd.sr.FindingSite(site)],
+        algorithm_id=algorithm.identification(),
+        measurements=[probability],
     )
-    # TID 1501 row 13: a TEXT qualitative evaluation, which highdicom's constructor does not offer.
-    exam[0].ContentSequence.append(
-        TextContentItem(
-            name=pe_codes.REASON_NOT_ANALYSED,
-            value=outcome.detail,
-            relationship_type=RelationshipTypeValues.CONTAINS,
-        )
+    container = group[0]
+    container.ContinuityOfContent = "SEPARATE"
+    scoord3d = _scoord3d(series, header, finding)
+    if scoord3d is not None:
+        (finding_item,) = [i for i in container.ContentSequence if i.name == codes.DCM.Finding]
+        finding_item.ContentSequence = ContentSequence([scoord3d])
+    container.ContentSequence.extend(
+        [
+            TextContentItem(name=pe_codes.COMMENT, value=describe(finding, series), relationship_type=_CONTAINS),
+            _slice_item(series, finding.first, pe_codes.FIRST_SLICE, _CONTAINS),
+            _slice_item(series, finding.last, pe_codes.LAST_SLICE, _CONTAINS),
+        ]
     )
-    return exam
+    return group
 
 
-def _location_group(group: GroupMaker, prediction: Prediction, location: Location) -> Group:
-    probability = prediction.exam[LOCATION_LABELS[location].value]
-    return group(
-        f"PE {location.name.lower()}",
-        finding_type=pe_codes.PULMONARY_EMBOLISM,
-        finding_sites=[hd.sr.FindingSite(location.value)],
-        measurements=[_probability(probability)],
-        qualitative_evaluations=[_evaluation(pe_codes.PULMONARY_EMBOLISM, Evaluation.of(probability > THRESHOLD))],
+def _scoord(series: CTSeries, finding: Finding) -> ScoordContentItem:
+    """The region in pixels, selected from the peak slice: what the probability is inferred from."""
+    region = finding.region
+    scoord = ScoordContentItem(name=pe_codes.IMAGE_REGION, graphic_type=region.shape.value,
+                               graphic_data=np.array(region.points), relationship_type=_INFERRED_FROM)
+    scoord.ContentSequence = ContentSequence(
+        [_slice_item(series, finding.peak, pe_codes.SOURCE, RelationshipTypeValues.SELECTED_FROM)]
     )
+    return scoord
 
 
-def _course_group(group: GroupMaker, prediction: Prediction) -> Group:
-    return group(
-        "PE clinical course",
-        finding_type=pe_codes.PULMONARY_EMBOLISM,
-        finding_sites=[hd.sr.FindingSite(pe_codes.PULMONARY_ARTERY)],
-        measurements=[
-            _probability(prediction.exam[label.value], of_course=course) for course, label in COURSE_LABELS.items()
-        ],
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=pe_codes.CLINICAL_COURSE,
-                                        value=COURSE_CODES[clinical_course(prediction.exam)])
-        ],
-    )
+def _scoord3d(series: CTSeries, header: Dataset, finding: Finding) -> Scoord3DContentItem | None:
+    """The region in patient mm, a property of the finding; None where the geometry is not known.
+
+    It sits under the Finding, not under the NUM next to the SCOORD: OHIF 3.13 restores a group with an SCOORD3D
+    there as a 3D annotation and then draws nothing on the CT slice (tried in tests/viewer's harness).
+    """
+    points = patient_points(series, finding.peak, finding.region)
+    if points is None or not header.get("FrameOfReferenceUID"):
+        return None
+    return Scoord3DContentItem(name=pe_codes.IMAGE_REGION, graphic_type=finding.region.shape.value,
+                               graphic_data=points, frame_of_reference_uid=header.FrameOfReferenceUID,
+                               relationship_type=RelationshipTypeValues.HAS_PROPERTIES)
 
 
-def _rv_lv_group(group: GroupMaker, prediction: Prediction) -> Group:
-    probability = prediction.exam[ExamLabel.RV_LV_GTE_1.value]
-    return group(
-        "RV/LV ratio",
-        finding_type=pe_codes.RV_LV_RATIO_GTE_1,
-        measurements=[_probability(probability)],
-        qualitative_evaluations=[_evaluation(pe_codes.RV_LV_RATIO_GTE_1, Evaluation.of(probability > THRESHOLD))],
-    )
-
-
-def _slice_group(group: GroupMaker, series: CTSeries, prediction: Prediction, index: int) -> Group:
-    """Slice groups are many (tens per positive exam) and highdicom's SR constructor costs ~1 ms per content item,
-    so they carry only what DESIGN asks: the finding, the image probability and the source image. Its algorithm
-    is the document's device observer; its tracking UID follows the slice's SOP Instance UID."""
+def _slice_item(series: CTSeries, index: int, name: Code, relationship: RelationshipTypeValues) -> ImageContentItem:
     ref = series.slices[index]
-    return group(
-        f"PE slice {index + 1} of {len(series)}",
-        key=ref.sop_instance_uid,
-        identified=False,
-        finding_type=pe_codes.PULMONARY_EMBOLISM,
-        measurements=[_probability(float(prediction.image[index]))],
-        source_images=[
-            hd.sr.SourceImageForMeasurementGroup(
-                referenced_sop_class_uid=ref.sop_class_uid, referenced_sop_instance_uid=ref.sop_instance_uid
-            )
-        ],
+    return ImageContentItem(name=name, referenced_sop_class_uid=ref.sop_class_uid,
+                            referenced_sop_instance_uid=ref.sop_instance_uid, referenced_frame_numbers=ref.frame,
+                            relationship_type=relationship)
+
+
+# ---------------------------------------------------------------- Qualitative Evaluations: the exam
+
+
+def _qualitative_evaluations(outcome: Prediction | NotAnalysed, algorithm: AlgorithmInfo) -> ContainerContentItem:
+    container = ContainerContentItem(name=pe_codes.QUALITATIVE_EVALUATIONS, is_content_continuous=False,
+                                     relationship_type=_CONTAINS)
+    items: list[ContentItem] = [*algorithm.identification()]
+    if isinstance(outcome, NotAnalysed):
+        items += [
+            _statement(pe_codes.PULMONARY_EMBOLISM, Evaluation.NOT_EVALUATED.value, site=pe_codes.PULMONARY_ARTERY),
+            CodeContentItem(name=pe_codes.REASON_NOT_ANALYSED, value=NOT_ANALYSED_CODES[outcome.reason],
+                            relationship_type=_CONTAINS),
+            TextContentItem(name=pe_codes.REASON_NOT_ANALYSED, value=outcome.detail, relationship_type=_CONTAINS),
+        ]
+    else:
+        result = exam_result(outcome)
+        items.append(_statement(pe_codes.PULMONARY_EMBOLISM, EVALUATIONS[result].value,
+                                site=pe_codes.PULMONARY_ARTERY, probabilities=[_num(exam_probability(outcome))]))
+        if result is ExamResult.POSITIVE:
+            items += [_location(outcome, location) for location in Location]
+            items += [_course(outcome), _rv_lv(outcome)]
+    container.ContentSequence = ContentSequence(items)
+    return container
+
+
+def _location(prediction: Prediction, location: Location) -> CodeContentItem:
+    probability = prediction.exam[LOCATION_LABELS[location].value]
+    return _statement(pe_codes.PULMONARY_EMBOLISM, Evaluation.of(probability > THRESHOLD).value,
+                      site=location.value, probabilities=[_num(probability)])
+
+
+def _course(prediction: Prediction) -> CodeContentItem:
+    return _statement(
+        pe_codes.CLINICAL_COURSE,
+        COURSE_CODES[clinical_course(prediction.exam)],
+        probabilities=[_num(prediction.exam[label.value], of_course=course) for course, label in COURSE_LABELS.items()],
     )
 
 
-def _probability(value: float, *, of_course: ClinicalCourse | None = None) -> hd.sr.Measurement:
-    """A Probability NUM (DCM 122157, UCUM "1"), optionally qualified by the clinical course it is about."""
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"a probability must lie in [0, 1], got {value!r}")
-    measurement = hd.sr.Measurement(name=pe_codes.PROBABILITY, value=round(float(value), 4), unit=pe_codes.NO_UNITS)
+def _rv_lv(prediction: Prediction) -> CodeContentItem:
+    probability = prediction.exam[ExamLabel.RV_LV_GTE_1.value]
+    return _statement(pe_codes.RV_LV_RATIO_GTE_1, Evaluation.of(probability > THRESHOLD).value,
+                      probabilities=[_num(probability)])
+
+
+def _statement(
+    name: Code, value: Code, *, site: Code | None = None, probabilities: Sequence[NumContentItem] = ()
+) -> CodeContentItem:
+    """TID 1500 row 13: ``name`` = ``value``, at ``site`` (a concept modifier of the name), inferred from
+    ``probabilities``."""
+    item = CodeContentItem(name=name, value=value, relationship_type=_CONTAINS)
+    children: list[ContentItem] = []
+    if site is not None:
+        children.append(CodeContentItem(name=pe_codes.FINDING_SITE, value=site, relationship_type=_CONCEPT_MOD))
+    children += probabilities
+    if children:
+        item.ContentSequence = ContentSequence(children)
+    return item
+
+
+# ---------------------------------------------------------------- probabilities
+
+
+def _measurement(value: float) -> hd.sr.Measurement:
+    """A Probability measurement (TID 300) of a finding group."""
+    return hd.sr.Measurement(name=pe_codes.PROBABILITY, value=_checked(value), unit=pe_codes.NO_UNITS)
+
+
+def _num(value: float, *, of_course: ClinicalCourse | None = None) -> NumContentItem:
+    """A Probability NUM (DCM 122157, UCUM "1") that a statement is inferred from, optionally qualified by the
+    clinical course it is about."""
+    item = NumContentItem(name=pe_codes.PROBABILITY, value=_checked(value), unit=pe_codes.NO_UNITS,
+                          relationship_type=_INFERRED_FROM)
     if of_course is not None:
         # HAS CONCEPT MOD qualifies the concept name of its parent: "Probability (of clinical course: chronic)".
-        measurement[0].ContentSequence = ContentSequence(
-            [
-                CodeContentItem(
-                    name=pe_codes.CLINICAL_COURSE,
-                    value=COURSE_CODES[of_course],
-                    relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD,
-                )
-            ]
+        item.ContentSequence = ContentSequence(
+            [CodeContentItem(name=pe_codes.CLINICAL_COURSE, value=COURSE_CODES[of_course],
+                             relationship_type=_CONCEPT_MOD)]
         )
-    return measurement
+    return item
 
 
-def _evaluation(finding: Code, evaluation: Evaluation) -> hd.sr.QualitativeEvaluation:
-    return hd.sr.QualitativeEvaluation(name=finding, value=evaluation.value)
+def _checked(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"a probability must lie in [0, 1], got {value!r}")
+    return round(float(value), 4)
 
 
-def _library_slices(outcome: Prediction | NotAnalysed) -> list[int]:
-    """The slices the content references; the first slice (the header's) when it references none."""
-    slices = positive_slices(outcome) if isinstance(outcome, Prediction) else []
-    return slices or [0]
+# ---------------------------------------------------------------- image library
+
+
+def _library_slices(findings: Sequence[Finding]) -> list[int]:
+    """The slices the content references (peak, first and last of each finding); the first slice when none."""
+    return sorted({index for f in findings for index in (f.first, f.peak, f.last)}) or [0]
 
 
 def _uses_private_scheme(item: Dataset) -> bool:
@@ -280,20 +381,13 @@ def _image_library(series: CTSeries, header: Dataset, indices: Sequence[int]) ->
     group level and each slice is one IMAGE item without per-image descriptors (TID 1602 is optional per entry).
     highdicom's ImageLibrary writes 15 descriptors per image at ~14 ms each; OHIF reads only the IMAGE references.
     """
-    group = ContainerContentItem(name=codes.DCM.ImageLibraryGroup, relationship_type=RelationshipTypeValues.CONTAINS)
+    group = ContainerContentItem(name=codes.DCM.ImageLibraryGroup, is_content_continuous=False,
+                                 relationship_type=_CONTAINS)
     group.ContentSequence = ContentSequence(
-        _shared_descriptors(series, header)
-        + [
-            ImageContentItem(
-                name=_SOURCE,
-                referenced_sop_class_uid=series.slices[index].sop_class_uid,
-                referenced_sop_instance_uid=series.slices[index].sop_instance_uid,
-                relationship_type=RelationshipTypeValues.CONTAINS,
-            )
-            for index in indices
-        ]
+        _shared_descriptors(series, header) + [_slice_item(series, i, pe_codes.SOURCE, _CONTAINS) for i in indices]
     )
-    library = ContainerContentItem(name=codes.DCM.ImageLibrary, relationship_type=RelationshipTypeValues.CONTAINS)
+    library = ContainerContentItem(name=codes.DCM.ImageLibrary, is_content_continuous=False,
+                                   relationship_type=_CONTAINS)
     library.ContentSequence = ContentSequence([group])
     return library
 
@@ -313,3 +407,4 @@ def _shared_descriptors(series: CTSeries, header: Dataset) -> list[hd.sr.Content
         header.SliceThickness = series.slice_spacing
         drop.append(codes.DCM.SliceThickness)
     return [item for item in hd.sr.ImageLibraryEntryDescriptors(header) if item.name not in drop]
+

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pe_node.findings import EXAM_LABELS
+from pe_node.located import peak_slices
 from pe_node.model import (
     Predictor,
     PreprocessConfig,
@@ -20,6 +21,7 @@ from pe_node.model import (
     preprocess_slices,
 )
 from pe_node.model.checkpoint import file_sha256
+from pe_node.model.predictor import cam_indices
 from pe_node.pipeline.series import CTSeries, SliceRef, load_series
 from tests.dicom_factory import phantom_volume
 from tests.tiny_models import TINY_PREPROCESS, tiny_model
@@ -75,6 +77,22 @@ def test_cams_come_for_the_top_slices_at_slice_size(tiny_checkpoint: Path) -> No
     for cam in prediction.cams.values():
         assert cam.shape == (80, 80) and cam.dtype == np.float32
         assert cam.min() >= 0.0 and cam.max() <= 1.0
+
+
+def test_cam_slices_are_the_key_slices_and_the_peak_of_every_finding() -> None:
+    image = np.array([0.1, 0.7, 0.9, 0.6, 0.1, 0.1, 0.2, 0.55, 0.8, 0.1])
+    attention = np.array([0.3, 0.05, 0.05, 0.2, 0.0, 0.0, 0.0, 0.05, 0.05, 0.05])
+    assert cam_indices(2, image, attention) == [3, 2, 8], "key slices 3 and 2, then the second finding's peak"
+    assert cam_indices(0, image, attention) == [], "no maps asked for, none made"
+    assert cam_indices([5, 1], image, attention) == [5, 1]
+
+
+def test_predict_maps_the_peak_slice_of_each_finding(tiny_checkpoint: Path) -> None:
+    predictor = Predictor.from_checkpoint(tiny_checkpoint, device="cpu")
+    predictor.model.sequence.image_head.bias.data.fill_(4.0)  # every slice positive: one finding
+    prediction = predictor.predict(synthetic_series(10), cam_slices=1)
+    peaks = peak_slices(prediction.image)
+    assert len(peaks) == 1 and set(peaks) <= set(prediction.cams) and 1 <= len(prediction.cams) <= 2
 
 
 def test_cams_for_chosen_slices_through_a_body_crop() -> None:
