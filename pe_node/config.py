@@ -65,17 +65,30 @@ class TLSConfig(_Section):
 
 
 class NodeConfig(_Section):
-    """The DICOM listener: who we are, where we listen, whom we accept."""
+    """The DICOM listener: who we are, where we listen, whom we accept, and how much any peer can make it hold.
+
+    A request whose called AE title is not ``ae_title`` is rejected. Memory per association stays near
+    ``spool_above_mb`` whatever ``max_dataset_mb`` is: larger datasets go to the storage volume as they arrive.
+    """
 
     ae_title: AETitle = "PE_NODE"
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
     allowed_callers: list[str] = Field(default_factory=list)
     max_associations: int = Field(10, ge=1, le=1000)
+    max_associations_per_host: int = Field(
+        5, ge=1, le=1000, description="associations from one address, and connections from it still negotiating")
+    max_pending_connections: int = Field(
+        16, ge=1, le=1000, description="connections not yet associated (TLS handshake, A-ASSOCIATE-RQ); more: closed")
     tls: TLSConfig | None = None
     max_pdu_bytes: int = Field(4 * 1024 * 1024, ge=0, description="0 means unlimited")
-    max_dataset_mb: float = Field(2048, gt=0)
-    network_timeout_seconds: float = Field(60.0, gt=0)
+    max_dataset_mb: float = Field(2048, gt=0, description="also the most a deflated dataset may inflate to")
+    max_command_kb: int = Field(4, ge=1, le=1024, description="a DIMSE command set; a C-STORE-RQ's is ~300 bytes")
+    spool_above_mb: float = Field(8, ge=0, description="larger datasets are written to a file as they arrive")
+    network_timeout_seconds: float = Field(
+        60.0, gt=0, description="the longest silence; also the grace of every PDU and message deadline")
+    min_receive_kb_per_second: float = Field(
+        32, gt=0, description="a PDU or message must average this (KiB/s) once network_timeout_seconds has passed")
 
     @field_validator("allowed_callers")
     @classmethod

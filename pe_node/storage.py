@@ -15,6 +15,10 @@ crash the target is either the old file or the whole new one, and once the call 
 cut. ``stage`` and ``publish`` are the two halves, for a writer that makes several files durable together and pays
 one directory fsync per directory rather than one per file (the receiver's group commit).
 
+A ``SpoolFile`` is the incremental form of ``stage`` for data whose target is known only once all of it has arrived (a
+received dataset names its own study and series): it is filled piece by piece in a spool folder on the same volume,
+then fsynced and staged for its target; ``publish`` renames it across folders (one volume, so the rename is atomic).
+
 Temporary files are named ``.<target name>.<unique>.<owner tag>.tmp``: ``remove_stale_temporaries`` finds those a
 crash left behind (never renamed, so never acknowledged) by that pattern.
 """
@@ -106,6 +110,57 @@ def stage(target: Path, content: Content, *, mode: int = 0o666) -> Staged:
         temporary.unlink(missing_ok=True)
         raise
     return Staged(temporary, target)
+
+
+class SpoolFile:
+    """A temporary file in ``folder`` written piece by piece, then fsynced and staged once its target is known.
+
+    ``discard`` removes it (a no-op once staged); the file is created with ``mode`` (masked by the umask).
+    """
+
+    def __init__(self, folder: Path | str, *, mode: int = 0o666) -> None:
+        folder = Path(folder)
+        make_directories(folder)
+        self.path = temporary_name(folder / "spool")
+        self.size = 0
+        self._stream: BinaryIO | None = os.fdopen(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb")
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert self._stream is not None, "spool file already staged or discarded"
+        self._stream.write(data)
+        self.size += len(data)
+
+    def flush(self) -> None:
+        """Hand what was written to the kernel, so that a memory map or another open of the file sees all of it."""
+        if self._stream is not None:
+            self._stream.flush()
+
+    def stage(self, target: Path) -> Staged:
+        """fsync and close the file; the ``Staged`` pair renames it over ``target`` when published."""
+        assert self._stream is not None, "spool file already staged or discarded"
+        target = Path(target)
+        make_directories(target.parent)
+        stream, self._stream = self._stream, None
+        try:
+            stream.flush()
+            os.fsync(stream.fileno())
+        except BaseException:
+            stream.close()
+            self.path.unlink(missing_ok=True)
+            raise
+        stream.close()
+        return Staged(self.path, target)
+
+    def discard(self) -> None:
+        """Close and remove the file unless it was staged (then ``Staged.discard`` is the owner's)."""
+        if self._stream is None:
+            return
+        stream, self._stream = self._stream, None
+        try:
+            stream.close()
+        except OSError:
+            pass
+        self.path.unlink(missing_ok=True)
 
 
 def publish(staged: Sequence[Staged]) -> None:

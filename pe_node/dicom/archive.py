@@ -2,6 +2,10 @@
 
 An instance is acknowledged only after its file is written to a temporary name, fsynced, renamed into place, the
 directory entry fsynced, and its row committed: once a sender sees success, a crash or power cut loses nothing.
+These are two steps (``_stage``: written and fsynced; ``_publish``: renamed, directory fsynced, row committed), so
+that instances arriving together can later share one directory fsync and one transaction. A large dataset reaches
+the archive already spooled to a file in ``<storage>/.incoming`` (``incoming.py``); that file is checked through a
+memory map and renamed into place, never copied or read into memory.
 The bytes are the dataset exactly as it arrived (any transfer syntax, compressed or not) behind a Part 10 header,
 so what is on disk is what was sent. Storing an instance is idempotent on its SOP Instance UID: the same bytes
 again change nothing; different bytes replace the file and re-open the series.
@@ -12,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import logging
+import os
 import shutil
 import threading
 import time
@@ -24,13 +29,15 @@ from sqlalchemy import bindparam, select, text
 from pe_node import storage
 from pe_node.config import StorageConfig
 from pe_node.db import Database, Instance, Series, UTCDateTime, utcnow
-from pe_node.dicom.header import HeaderError, InstanceHeader, read_header
+from pe_node.dicom.header import DEFAULT_MAX_INFLATED_BYTES, HeaderError, InstanceHeader, read_header
+from pe_node.dicom.incoming import IncomingDataset
 from pe_node.dicom.part10 import file_header
 
 log = logging.getLogger(__name__)
 
 _MB = 1024 * 1024
 _STALE_TMP_SECONDS = 3600
+SPOOL = ".incoming"  # under the storage root: datasets being received, too large to hold in memory
 
 
 _UPSERT_SERIES = text(
@@ -78,14 +85,16 @@ class StoreOutcome:
 
 @dataclass(frozen=True)
 class Received:
-    """One C-STORE request as the archive needs it."""
+    """One C-STORE request as the archive needs it: the dataset as received (bytes, or as it arrived, possibly
+    spooled), the command's UIDs it must match, and the cap on what a deflated dataset may inflate to."""
 
-    dataset: bytes
+    dataset: bytes | IncomingDataset
     transfer_syntax_uid: str
     affected_sop_class_uid: str
     affected_sop_instance_uid: str
     calling_ae_title: str
     association_id: int | None = None
+    max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES
 
 
 class Archive:
@@ -97,6 +106,7 @@ class Archive:
         self.db = db
         self.clock = clock
         self.root.mkdir(parents=True, exist_ok=True)
+        self.spool_folder = self.root / SPOOL
         self._free_checked_at = 0.0
         self._free_bytes = 0
         self._free_lock = threading.Lock()
@@ -106,9 +116,17 @@ class Archive:
 
     def store(self, request: Received) -> StoreOutcome:
         """Check, write and record one instance; the outcome's status is the C-STORE response status."""
+        dataset = _incoming(request.dataset)
+        if dataset.error is not None:
+            log.error("cannot spool the dataset of %s: %s", request.affected_sop_instance_uid[:64], dataset.error)
+            return StoreOutcome(StoreStatus.OUT_OF_RESOURCES,
+                                f"cannot write the instance: {dataset.error.strerror or dataset.error}")
         try:
-            header = read_header(request.dataset, request.transfer_syntax_uid)
+            with dataset.view() as data:
+                header = read_header(data, request.transfer_syntax_uid, max_inflated_bytes=request.max_inflated_bytes)
         except HeaderError as exc:
+            if exc.too_large:
+                return StoreOutcome(StoreStatus.OUT_OF_RESOURCES, str(exc))
             status = StoreStatus.BAD_UID if exc.bad_uid else StoreStatus.CANNOT_UNDERSTAND
             return StoreOutcome(status, str(exc))
         if header.sop_instance_uid != request.affected_sop_instance_uid.strip("\x00 "):
@@ -127,7 +145,7 @@ class Archive:
             log.error("storage %s below %d MB free: refusing %s", self.root, self.min_free_bytes // _MB,
                       header.sop_instance_uid)
             return StoreOutcome(StoreStatus.OUT_OF_RESOURCES, "storage full on the receiving node", header)
-        return self._write_and_record(request, header)
+        return self._write_and_record(request, dataset, header)
 
     def free_bytes(self) -> int:
         """Free space of the storage volume, re-read at most every 0.2 s (statvfs is cheap, but not free)."""
@@ -138,19 +156,29 @@ class Archive:
                 self._free_checked_at = now
             return self._free_bytes
 
-    def _write_and_record(self, request: Received, header: InstanceHeader) -> StoreOutcome:
+    def _write_and_record(self, request: Received, dataset: IncomingDataset, header: InstanceHeader) -> StoreOutcome:
         path = self.path_for(header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
-        if path.exists() and _holds_dataset(path, request.dataset) and self._is_recorded(header, request):
+        if path.exists() and _holds_dataset(path, dataset) and self._is_recorded(header, request):
             return StoreOutcome(StoreStatus.SUCCESS, None, header, duplicate=True)
         content = file_header(
             header.sop_class_uid, header.sop_instance_uid, request.transfer_syntax_uid, request.calling_ae_title
         )
         try:
-            storage.atomic_write(path, (content, request.dataset), mode=0o640)
+            staged = dataset.stage(path, content)
         except OSError as exc:
             log.error("cannot write %s: %s", path, exc)
             return StoreOutcome(StoreStatus.OUT_OF_RESOURCES, f"cannot write the instance: {exc.strerror}", header)
-        moved_from = self._record(header, request, size=len(content) + len(request.dataset))
+        return self._publish(staged, header, request, size=len(content) + dataset.size)
+
+    def _publish(self, staged: storage.Staged, header: InstanceHeader, request: Received, size: int) -> StoreOutcome:
+        """Rename the staged file into place, fsync its directory, and commit its row: then it may be acknowledged."""
+        try:
+            storage.publish([staged])
+        except OSError as exc:
+            staged.discard()
+            log.error("cannot rename %s into place: %s", staged.target, exc)
+            return StoreOutcome(StoreStatus.OUT_OF_RESOURCES, f"cannot write the instance: {exc.strerror}", header)
+        moved_from = self._record(header, request, size=size)
         if moved_from is not None:
             # The same SOP Instance UID arrived before under another study or series: keep only the new copy.
             self.path_for(*moved_from, header.sop_instance_uid).unlink(missing_ok=True)
@@ -204,20 +232,29 @@ class Archive:
 
     def remove_stale_temporaries(self, older_than_seconds: float = _STALE_TMP_SECONDS) -> int:
         """Delete temporary files left by a crash mid-write (never acknowledged, so nothing is lost)."""
-        return storage.remove_stale_temporaries(self.root, "*/*", older_than_seconds)
+        return (storage.remove_stale_temporaries(self.root, "*/*", older_than_seconds)
+                + storage.remove_stale_temporaries(self.root, SPOOL, older_than_seconds))
 
 
-def _holds_dataset(path: Path, dataset: bytes) -> bool:
+def _incoming(dataset: bytes | IncomingDataset) -> IncomingDataset:
+    return dataset if isinstance(dataset, IncomingDataset) else IncomingDataset.holding(dataset)
+
+
+def _holds_dataset(path: Path, dataset: IncomingDataset) -> bool:
     """Whether the stored file is exactly a Part 10 header followed by these dataset bytes.
 
     The header itself may differ (it names the sending AE), so compare what follows the File Meta group, whose
-    length is the value of (0002,0000) at bytes 140-143.
+    length is the value of (0002,0000) at bytes 140-143; piece by piece, so neither is read whole.
     """
     try:
-        stored = path.read_bytes()
+        with path.open("rb") as stored:
+            head = stored.read(144)
+            if len(head) < 144:
+                return False
+            meta_end = 144 + int.from_bytes(head[140:144], "little")
+            if os.fstat(stored.fileno()).st_size - meta_end != dataset.size:
+                return False
+            stored.seek(meta_end)
+            return all(stored.read(len(chunk)) == chunk for chunk in dataset.chunks())
     except FileNotFoundError:
         return False
-    if len(stored) < 144:
-        return False
-    meta_end = 144 + int.from_bytes(stored[140:144], "little")
-    return stored[meta_end:] == dataset

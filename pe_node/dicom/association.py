@@ -3,69 +3,73 @@
 Why not pynetdicom's own AE for receiving: its reactors poll with 1 ms sleeps and build every DIMSE command
 through pydicom Datasets, which costs several milliseconds per C-STORE, more than the fsync that makes the
 instance durable; a 300-slice series then takes longer to receive than Orthanc needs. This module reads PDUs
-with blocking socket calls, parses the small command set directly, and answers as soon as the handler returns.
-It still leans on pynetdicom for the hard parts of association negotiation: decoding the A-ASSOCIATE-RQ,
-negotiating presentation contexts and encoding the A-ASSOCIATE-AC. Sending (``pe-node send``, delivery) uses
-pynetdicom's SCU as it is.
+with blocking socket calls (``pdu.py``: bounded in memory and in time), parses the small command set directly,
+streams each dataset fragment into the node's sink as it arrives (never holding a dataset twice), and answers as
+soon as the handler returns. Negotiating presentation contexts and encoding the A-ASSOCIATE-AC are pynetdicom's.
 
 Services offered: Verification (C-ECHO) and Storage (C-STORE) on the contexts given. Anything else gets an
-A-ABORT. The handler object decides about association requests and C-STOREs (see ``AssociationHandler``).
+A-ABORT. An association request is refused here when it is malformed in a way PS3.8 has a rejection for (protocol
+version, application context, called AE title, no presentation context, as DCMTK does), and otherwise by the node's
+handler (allow-list, limits; see ``AssociationHandler``), which also decides every C-STORE.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import socket
 import ssl
-import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from pydicom.uid import UID
+from pydicom.uid import UID, ImplicitVRLittleEndian
 from pynetdicom import pdu as ul_pdu
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
-    SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from pe_node.dicom.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from pe_node.dicom.pdu import (
+    ABORT,
+    ASSOCIATE_RQ,
+    NO_DATASET,
+    P_DATA,
+    RELEASE_RQ,
+    AbortReason,
+    AssociateRequest,
+    PduReader,
+    PeerClosed,
+    ProposedContext,
+    ProtocolError,
+    abort_pdu,
+    command_uid,
+    command_us,
+    parse_associate_rq,
+    parse_command,
+    pdv_headers,
+    reject_pdu,
+    release_rp_pdu,
+    response_pdu,
+    shown,
+)
 
 log = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
 
-_ASSOCIATE_RQ, _ASSOCIATE_AC, _ASSOCIATE_RJ, _P_DATA, _RELEASE_RQ, _RELEASE_RP, _ABORT = 1, 2, 3, 4, 5, 6, 7
 _C_STORE_RQ, _C_STORE_RSP, _C_ECHO_RQ, _C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
-_NO_DATASET = 0x0101
 _MAX_ASSOCIATE_RQ = 1 << 20
-
-
-class AbortReason(enum.IntEnum):
-    """A-ABORT reasons (PS3.8 9.3.8); the source is always the service provider (2) here."""
-
-    NOT_SPECIFIED = 0
-    UNRECOGNIZED_PDU = 1
-    UNEXPECTED_PDU = 2
-    INVALID_PARAMETER = 6
-
-
-class ProtocolError(Exception):
-    """The peer broke the protocol; the association is aborted with ``reason``."""
-
-    def __init__(self, message: str, reason: AbortReason = AbortReason.UNEXPECTED_PDU) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class PeerClosed(Exception):
-    """The peer closed the connection or stayed silent past the network timeout."""
+_MESSAGE = "a message"
+_REQUEST = "the A-ASSOCIATE-RQ"
+_PLACEHOLDER_AE = "PE_NODE"
+# Each fragment costs a fixed amount of work, so a message's fragments must carry 256 bytes each on average (after
+# 16 free ones): no sender splits that finely (DCMTK's smallest PDU is 4 KiB), and 1-byte fragments stop at once.
+_FREE_FRAGMENTS, _MIN_AVERAGE_FRAGMENT = 16, 256
 
 
 @dataclass(frozen=True)
@@ -87,116 +91,177 @@ class Rejection:
 
 
 @dataclass(frozen=True)
-class StoreRequest:
-    """One complete C-STORE-RQ: its command attributes and the dataset bytes as received."""
+class StoreCommand:
+    """One C-STORE-RQ's command: its message ID, its (valid) affected UIDs and the context's transfer syntax."""
 
     message_id: int
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
-    dataset: bytes
+
+
+class DatasetSink(Protocol):
+    """Where a dataset's fragments go as they arrive; ``discard`` frees whatever it holds (called once the message
+    is answered or abandoned, also after the handler stored it)."""
+
+    def write(self, fragment: memoryview) -> None: ...
+
+    def discard(self) -> None: ...
 
 
 class AssociationHandler(Protocol):
-    """What the acceptor asks of the node. ``store`` runs in the association thread; it must not raise."""
+    """What the acceptor asks of the node; every method runs in the association thread and must not raise.
 
-    def requested(self, key: int, request: AssociationRequest) -> Rejection | None: ...
+    ``requested`` gets the acceptor's own refusal (None when the request is well-formed) and returns the
+    rejection to send, if any; ``dataset`` gives the sink for a C-STORE's dataset, and ``store`` decides it.
+    """
 
-    def store(self, key: int, request: AssociationRequest, message: StoreRequest) -> tuple[int, str | None]: ...
+    def requested(self, key: int, request: AssociationRequest, refusal: Rejection | None) -> Rejection | None: ...
+
+    def dataset(self, key: int, request: AssociationRequest, command: StoreCommand) -> DatasetSink: ...
+
+    def store(self, key: int, request: AssociationRequest, command: StoreCommand,
+              dataset: DatasetSink) -> tuple[int, str | None]: ...
 
     def closed(self, key: int) -> None: ...
 
 
 @dataclass(frozen=True)
 class AcceptorSettings:
+    """The acceptor's limits: every one bounds what a peer can make the node hold or wait for."""
+
     ae_title: str
     contexts: Sequence[PresentationContext]
     max_pdu_bytes: int
     timeout_seconds: float
     max_dataset_bytes: int
+    max_command_bytes: int = 4096
+    min_rate_bytes: float = 32 * 1024
+
+
+class _Discard:
+    """The sink of a dataset that is read only to stay in step with the peer (refused, oversized, C-ECHO's)."""
+
+    def write(self, fragment: memoryview) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
+
+
+@dataclass
+class _Message:
+    """The DIMSE message being received: its command (once complete) and where its dataset goes."""
+
+    context_id: int
+    fields: dict[int, bytes]
+    sink: DatasetSink
+    store: StoreCommand | None = None
+    refusal: tuple[int, str] | None = None  # the failure status to answer once the dataset has been read
+    size: int = 0
 
 
 class IncomingAssociation:
     """One accepted TCP connection, from A-ASSOCIATE-RQ to release, abort or close."""
 
     def __init__(self, sock: socket.socket, peer: tuple[str, int], settings: AcceptorSettings,
-                 handler: AssociationHandler) -> None:
+                 handler: AssociationHandler, settled: Callable[[], None] = lambda: None) -> None:
         self.sock = sock
         self.peer = peer
         self.settings = settings
         self.handler = handler
         self.key = id(self)
+        self.reader = PduReader(sock, settings.timeout_seconds, settings.min_rate_bytes)
+        self._settled = settled
         self._contexts: dict[int, PresentationContext] = {}
         self._request: AssociationRequest | None = None
+        self._command = bytearray()
+        self._message: _Message | None = None
+        self._fragments = 0  # of the message being received, and the bytes they carried
+        self._fragment_bytes = 0
 
     def run(self) -> None:
-        """Serve the connection; never raises."""
+        """Serve the connection; never raises. ``settled`` is called once the request is answered (or failed)."""
         try:
-            self.sock.settimeout(self.settings.timeout_seconds)
-            if self._negotiate():
+            self.reader.begin(_REQUEST)  # the ARTIM timer: from the connection to the whole request
+            try:
+                accepted = self._negotiate()
+            finally:
+                self._settled()
+            if accepted:
                 self._serve()
         except PeerClosed as exc:
             log.info("association with %s:%s ended: %s", *self.peer, exc)
         except ProtocolError as exc:
             log.warning("aborting association with %s:%s: %s", *self.peer, exc)
-            self._send_quietly(_abort_pdu(exc.reason))
+            self._send_quietly(abort_pdu(exc.reason))
         except (OSError, ssl.SSLError) as exc:
             log.info("connection with %s:%s failed: %s", *self.peer, exc)
         except Exception:
             log.exception("association with %s:%s failed unexpectedly", *self.peer)
-            self._send_quietly(_abort_pdu(AbortReason.NOT_SPECIFIED))
+            self._send_quietly(abort_pdu(AbortReason.NOT_SPECIFIED))
         finally:
+            if self._message is not None:
+                self._message.sink.discard()
             if self._request is not None:
                 self.handler.closed(self.key)
             close_socket(self.sock)
 
     def abort(self) -> None:
         """Break the association from another thread (shutdown): the blocked read fails and the thread ends."""
-        self._send_quietly(_abort_pdu(AbortReason.NOT_SPECIFIED))
+        self._send_quietly(abort_pdu(AbortReason.NOT_SPECIFIED))
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
     def _negotiate(self) -> bool:
-        pdu_type, body = self._read_pdu(limit=_MAX_ASSOCIATE_RQ)
-        if pdu_type != _ASSOCIATE_RQ:
+        pdu_type, length = self.reader.pdu_header()
+        if pdu_type != ASSOCIATE_RQ:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
-        rq = ul_pdu.A_ASSOCIATE_RQ()
-        try:
-            rq.decode(struct.pack(">BBI", pdu_type, 0, len(body)) + bytes(body))
-            primitive = rq.to_primitive()
-        except Exception as exc:
-            raise ProtocolError(f"undecodable A-ASSOCIATE-RQ: {exc}", AbortReason.INVALID_PARAMETER) from None
-        self._request = AssociationRequest(
-            calling_ae_title=str(primitive.calling_ae_title).strip(),
-            called_ae_title=str(primitive.called_ae_title).strip(),
-            host=self.peer[0],
-            port=self.peer[1],
-        )
-        rejection = self.handler.requested(self.key, self._request)
+        if length > _MAX_ASSOCIATE_RQ:
+            raise ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes", AbortReason.INVALID_PARAMETER)
+        request = parse_associate_rq(self.reader.read(length))
+        self.reader.end(_REQUEST)
+        self.reader.end("a PDU")
+        self._request = AssociationRequest(request.calling_ae_title, request.called_ae_title, *self.peer)
+        rejection = self.handler.requested(self.key, self._request, self._refusal(request))
         if rejection is not None:
-            self._send(struct.pack(">BBIBBBB", _ASSOCIATE_RJ, 0, 4, 0, rejection.result, rejection.source,
-                                   rejection.diagnostic))
+            self._send(reject_pdu(rejection.result, rejection.source, rejection.diagnostic))
             return False
-        self._send(self._accept(primitive))
+        self._send(self._accept(request))
         return True
 
-    def _accept(self, request: A_ASSOCIATE) -> bytes:
-        roles = {
-            uid: (item.scu_role, item.scp_role) for uid, item in _role_items(request).items()
-        }
-        proposed = request.presentation_context_definition_list
+    def _refusal(self, request: AssociateRequest) -> Rejection | None:
+        """The A-ASSOCIATE-RJ a request gets whoever sent it (PS3.8 9.3.4), in DCMTK's order of checks."""
+        if not request.protocol_version & 0x0001:
+            return Rejection(f"protocol version 0x{request.protocol_version:04X} not supported", 0x01, 0x02, 0x02)
+        if request.application_context != APPLICATION_CONTEXT:
+            return Rejection(f"application context {request.application_context!r} not supported", 0x01, 0x01, 0x02)
+        if request.called_ae_title != self.settings.ae_title:
+            return Rejection(f"called AE title {request.called_ae_title!r} is not {self.settings.ae_title!r}",
+                             0x01, 0x01, 0x07)
+        if not request.calling_ae_title:
+            return Rejection("empty calling AE title", 0x01, 0x01, 0x03)
+        if not request.contexts:
+            return Rejection("no presentation context proposed", 0x01, 0x01, 0x01)
+        return None
+
+    def _accept(self, request: AssociateRequest) -> bytes:
+        """The A-ASSOCIATE-AC: every proposed context with its result, in the order proposed."""
+        proposed = [_pynetdicom_context(cx) for cx in request.contexts if cx.abstract_syntax and cx.transfer_syntaxes]
+        roles: dict[UID, tuple[bool | None, bool | None]] = {UID(uid): role for uid, role in request.roles.items()}
         results, role_replies = negotiate_as_acceptor(proposed, list(self.settings.contexts), roles)
-        _prefer_requestor_order(results, proposed, self.settings.contexts)
-        self._contexts = {cx.context_id: cx for cx in results if cx.result == 0x00 and cx.context_id is not None}
+        _prefer_requestor_order(results, request.contexts, self.settings.contexts)
+        by_id = {cx.context_id: cx for cx in results}
+        answered = [by_id.get(cx.context_id) or _refused_context(cx) for cx in request.contexts]
+        self._contexts = {cx.context_id: cx for cx in answered if cx.result == 0x00 and cx.context_id is not None}
         accept = A_ASSOCIATE()
         accept.application_context_name = UID(APPLICATION_CONTEXT)
-        accept.calling_ae_title = request.calling_ae_title
-        accept.called_ae_title = request.called_ae_title
+        accept.calling_ae_title = accept.called_ae_title = _PLACEHOLDER_AE
         accept.result = 0x00
         accept.result_source = 0x01
-        accept.presentation_context_definition_results_list = results
+        accept.presentation_context_definition_results_list = answered
         max_length = MaximumLengthNotification()
         max_length.maximum_length_received = self.settings.max_pdu_bytes
         class_uid = ImplementationClassUIDNotification()
@@ -206,111 +271,128 @@ class IncomingAssociation:
         accept.user_information = [max_length, class_uid, version, *role_replies]
         ac = ul_pdu.A_ASSOCIATE_AC()
         ac.from_primitive(accept)
-        return ac.encode()
+        encoded = ac.encode()
+        # The AE title fields go back exactly as they came (PS3.8 9.3.3: "not tested"), whatever their bytes.
+        return encoded[:10] + request.titles + encoded[42:]
 
     def _serve(self) -> None:
-        """Read P-DATA until release: assemble each command and its dataset, answer each message."""
-        assert self._request is not None
-        command = bytearray()
-        data = bytearray()
-        oversized = 0  # bytes of a dataset over the size limit, read and dropped to stay in step with the peer
-        fields: dict[int, bytes] | None = None
-        context_id = 0
+        """Read PDUs until release: assemble each command, stream its dataset, answer each message."""
         while True:
-            pdu_type, body = self._read_pdu(limit=self._read_limit())
-            if pdu_type == _RELEASE_RQ:
-                self._send(struct.pack(">BBII", _RELEASE_RP, 0, 4, 0))
-                return
-            if pdu_type == _ABORT:
-                raise PeerClosed("aborted by the peer")
-            if pdu_type != _P_DATA:
-                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X} during the association",
-                                    AbortReason.UNRECOGNIZED_PDU if pdu_type > 7 else AbortReason.UNEXPECTED_PDU)
-            for pdv_context, is_command, is_last, fragment in _pdvs(body):
-                if pdv_context not in self._contexts:
-                    raise ProtocolError(f"P-DATA on presentation context {pdv_context}, which was not accepted",
+            pdu_type, length = self.reader.pdu_header()
+            if pdu_type == P_DATA:
+                limit = self.settings.max_pdu_bytes + 6 if self.settings.max_pdu_bytes else 1 << 32
+                if length > limit:
+                    raise ProtocolError(f"PDU of {length} bytes exceeds the negotiated maximum",
                                         AbortReason.INVALID_PARAMETER)
-                if is_command:
-                    if fields is not None:
-                        raise ProtocolError("a command fragment arrived while a dataset was expected")
-                    command += fragment
-                    context_id = pdv_context
-                    if is_last:
-                        fields = _parse_command(bytes(command))
-                        command.clear()
-                        if _us(fields, 0x0800) == _NO_DATASET:
-                            self._dispatch(context_id, fields, b"")
-                            fields = None
-                else:
-                    if fields is None or pdv_context != context_id:
-                        raise ProtocolError("a dataset fragment arrived without its command")
-                    if oversized or len(data) + len(fragment) > self.settings.max_dataset_bytes:
-                        oversized += len(data) + len(fragment)
-                        data.clear()
-                    else:
-                        data += fragment
-                    if is_last:
-                        if oversized:
-                            self._refuse_oversized(context_id, fields, oversized)
-                        else:
-                            self._dispatch(context_id, fields, bytes(data))
-                        data.clear()
-                        oversized = 0
-                        fields = None
+                for context_id, control, size in pdv_headers(self.reader, length):
+                    self._fragment(context_id, control, size)
+                self.reader.end("a PDU")
+            elif pdu_type == RELEASE_RQ:
+                if length != 4:
+                    raise ProtocolError(f"A-RELEASE-RQ of {length} bytes", AbortReason.INVALID_PARAMETER)
+                self.reader.read(4)
+                self._send(release_rp_pdu())
+                return
+            elif pdu_type == ABORT:
+                raise PeerClosed("aborted by the peer")
+            else:
+                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X} during the association")
 
-    def _dispatch(self, context_id: int, fields: dict[int, bytes], dataset: bytes) -> None:
-        assert self._request is not None
-        command_field = _us(fields, 0x0100)
-        message_id = _us(fields, 0x0110)
-        context = self._contexts[context_id]
-        if command_field == _C_ECHO_RQ:
-            self._send(_response(context_id, _C_ECHO_RSP, message_id, VERIFICATION, None, 0x0000, None))
+    def _fragment(self, context_id: int, control: int, size: int) -> None:
+        if context_id not in self._contexts:
+            raise ProtocolError(f"P-DATA on presentation context {context_id}, which was not accepted",
+                                AbortReason.INVALID_PARAMETER)
+        if not self._command and self._message is None:
+            self.reader.begin(_MESSAGE)
+            self._fragments = self._fragment_bytes = 0
+        self._fragments += 1
+        self._fragment_bytes += size
+        if self._fragments > _FREE_FRAGMENTS + self._fragment_bytes // _MIN_AVERAGE_FRAGMENT:
+            raise ProtocolError(f"{self._fragments} fragments of {self._fragment_bytes} bytes in all: a message's "
+                                f"fragments must average {_MIN_AVERAGE_FRAGMENT} bytes", AbortReason.INVALID_PARAMETER)
+        last = bool(control & 0x02)
+        if control & 0x01:
+            self._command_fragment(context_id, size, last)
             return
+        message = self._message
+        if message is None or context_id != message.context_id:
+            raise ProtocolError("a dataset fragment arrived without its command")
+        message.size += size
+        if message.size > self.settings.max_dataset_bytes and message.refusal is None:
+            message.sink.discard()
+            message.sink = _Discard()
+            limit_mb = self.settings.max_dataset_bytes / 2**20
+            message.refusal = (0xA700, f"dataset larger than {limit_mb:.0f} MB (node.max_dataset_mb)")
+        self.reader.stream(size, message.sink.write)
+        if last:
+            self._message = None
+            self.reader.end(_MESSAGE)
+            try:
+                self._answer(message)
+            finally:
+                message.sink.discard()
+            self.reader.begin("a PDU")  # the time the node spent storing is not the peer's
+
+    def _command_fragment(self, context_id: int, size: int, last: bool) -> None:
+        if self._message is not None:
+            raise ProtocolError("a command fragment arrived while a dataset was expected")
+        if len(self._command) + size > self.settings.max_command_bytes:
+            raise ProtocolError(f"command set longer than {self.settings.max_command_bytes} bytes "
+                                "(node.max_command_kb)", AbortReason.INVALID_PARAMETER)
+        self._command += self.reader.read(size)
+        if not last:
+            return
+        fields = parse_command(bytes(self._command))
+        self._command.clear()
+        message = self._expect(context_id, fields)
+        if command_us(fields, 0x0800) != NO_DATASET:
+            self._message = message
+            return
+        self.reader.end(_MESSAGE)
+        if message.store is not None:
+            message.sink.discard()
+            message.refusal = (0xC000, "C-STORE-RQ without a dataset")
+        self._answer(message)
+
+    def _expect(self, context_id: int, fields: dict[int, bytes]) -> _Message:
+        """The message a complete command starts, with the sink its dataset will go to."""
+        assert self._request is not None
+        command_field = command_us(fields, 0x0100)
+        if command_field == _C_ECHO_RQ:
+            return _Message(context_id, fields, _Discard())
         if command_field != _C_STORE_RQ:
             raise ProtocolError(f"unsupported DIMSE command 0x{command_field:04X}", AbortReason.INVALID_PARAMETER)
-        sop_class = _ui(fields, 0x0002)
-        sop_instance = _ui(fields, 0x1000)
+        context = self._contexts[context_id]
+        sop_class, sop_instance = command_uid(fields, 0x0002), command_uid(fields, 0x1000)
+        if sop_class is None or sop_class != str(context.abstract_syntax):
+            return _Message(context_id, fields, _Discard(), refusal=(
+                0x0122, f"SOP Class {shown(fields.get(0x0002, b''))} not negotiated on this presentation context"))
+        if sop_instance is None:
+            log.warning("C-STORE from %s:%s with an invalid Affected SOP Instance UID %s", *self.peer,
+                        shown(fields.get(0x1000, b"")))
+            return _Message(context_id, fields, _Discard(),
+                            refusal=(0xC001, "Affected SOP Instance UID is not a valid UID"))
+        store = StoreCommand(command_us(fields, 0x0110), sop_class, sop_instance, str(context.transfer_syntax[0]))
+        return _Message(context_id, fields, self.handler.dataset(self.key, self._request, store), store=store)
+
+    def _answer(self, message: _Message) -> None:
+        assert self._request is not None
+        fields = message.fields
+        message_id = command_us(fields, 0x0110)
+        if command_us(fields, 0x0100) == _C_ECHO_RQ:
+            self._send(response_pdu(message.context_id, _C_ECHO_RSP, message_id, VERIFICATION, None, 0x0000, None))
+            return
+        sop_class, sop_instance = command_uid(fields, 0x0002), command_uid(fields, 0x1000)
         comment: str | None
-        if sop_class != str(context.abstract_syntax):
-            status, comment = 0x0122, f"SOP Class {sop_class} not negotiated on this presentation context"
+        if message.refusal is not None:
+            status, comment = message.refusal
+            if status == 0xA700:
+                log.warning("refused a dataset of %d bytes from %s:%s: %s", message.size, *self.peer, comment)
         else:
-            message = StoreRequest(message_id, sop_class, sop_instance, str(context.transfer_syntax[0]), dataset)
-            status, comment = self.handler.store(self.key, self._request, message)
-        self._send(_response(context_id, _C_STORE_RSP, message_id, sop_class, sop_instance, status, comment))
-
-    def _refuse_oversized(self, context_id: int, fields: dict[int, bytes], size: int) -> None:
-        limit_mb = self.settings.max_dataset_bytes / 2**20
-        log.warning("refused a dataset of %d bytes from %s:%s: over node.max_dataset_mb (%.0f MB)", size,
-                    *self.peer, limit_mb)
-        self._send(_response(context_id, _C_STORE_RSP, _us(fields, 0x0110), _ui(fields, 0x0002), _ui(fields, 0x1000),
-                             0xA700, f"dataset larger than {limit_mb:.0f} MB (node.max_dataset_mb)"))
-
-    def _read_limit(self) -> int:
-        return self.settings.max_pdu_bytes + 6 if self.settings.max_pdu_bytes else 1 << 31
-
-    def _read_pdu(self, limit: int) -> tuple[int, bytearray]:
-        header = self._read_exact(6)
-        pdu_type, _, length = struct.unpack(">BBI", header)
-        if pdu_type not in range(1, 8):
-            raise ProtocolError(f"unrecognised PDU type 0x{pdu_type:02X}: not a DICOM peer?",
-                                AbortReason.UNRECOGNIZED_PDU)
-        if length > limit:
-            raise ProtocolError(f"PDU of {length} bytes exceeds the negotiated maximum", AbortReason.INVALID_PARAMETER)
-        return pdu_type, self._read_exact(length)
-
-    def _read_exact(self, size: int) -> bytearray:
-        buffer = bytearray(size)
-        view = memoryview(buffer)
-        received = 0
-        while received < size:
-            try:
-                count = self.sock.recv_into(view[received:], size - received)
-            except TimeoutError:
-                raise PeerClosed(f"no data for {self.settings.timeout_seconds:.0f} s") from None
-            if count == 0:
-                raise PeerClosed("connection closed by the peer" + (" mid-PDU" if received else ""))
-            received += count
-        return buffer
+            assert message.store is not None
+            status, comment = self.handler.store(self.key, self._request, message.store, message.sink)
+        self._send(response_pdu(message.context_id, _C_STORE_RSP, message_id, sop_class, sop_instance, status,
+                                comment))
 
     def _send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -322,7 +404,26 @@ class IncomingAssociation:
             pass
 
 
-def _prefer_requestor_order(results: list[PresentationContext], proposed: list[PresentationContext],
+def _pynetdicom_context(proposed: ProposedContext) -> PresentationContext:
+    assert proposed.abstract_syntax is not None
+    context = PresentationContext()
+    context.context_id = proposed.context_id
+    context.abstract_syntax = UID(proposed.abstract_syntax)
+    context.transfer_syntax = [UID(ts) for ts in proposed.transfer_syntaxes]
+    return context
+
+
+def _refused_context(proposed: ProposedContext) -> PresentationContext:
+    """The result for a context negotiation never saw: no valid abstract syntax (0x03), or no valid transfer
+    syntax (0x04); the transfer syntax an A-ASSOCIATE-AC carries for a refused context is not significant."""
+    context = PresentationContext()
+    context.context_id = proposed.context_id
+    context.transfer_syntax = [ImplicitVRLittleEndian]
+    context.result = 0x03 if proposed.abstract_syntax is None else 0x04
+    return context
+
+
+def _prefer_requestor_order(results: list[PresentationContext], proposed: Sequence[ProposedContext],
                             supported: Sequence[PresentationContext]) -> None:
     """Accept, of the transfer syntaxes we support, the one the requestor listed first.
 
@@ -332,97 +433,13 @@ def _prefer_requestor_order(results: list[PresentationContext], proposed: list[P
     ours = {str(cx.abstract_syntax): {str(ts) for ts in cx.transfer_syntax} for cx in supported}
     requested = {cx.context_id: cx for cx in proposed}
     for result in results:
-        if result.result != 0x00:
+        if result.result != 0x00 or result.context_id is None:
             continue
         offer = requested[result.context_id]
         accepted = ours.get(str(result.abstract_syntax), set())
-        first = next((ts for ts in offer.transfer_syntax if str(ts) in accepted), None)
+        first = next((ts for ts in offer.transfer_syntaxes if ts in accepted), None)
         if first is not None:
-            result.transfer_syntax = [first]
-
-
-def _role_items(request: A_ASSOCIATE) -> dict[UID, SCP_SCU_RoleSelectionNegotiation]:
-    return {
-        item.sop_class_uid: item
-        for item in request.user_information
-        if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid is not None
-    }
-
-
-def _pdvs(body: bytearray) -> list[tuple[int, bool, bool, memoryview]]:
-    """Split a P-DATA-TF body into presentation data values (PS3.8 9.3.5.1)."""
-    view = memoryview(body)
-    items = []
-    offset = 0
-    while offset < len(body):
-        if offset + 6 > len(body):
-            raise ProtocolError("truncated presentation data value", AbortReason.INVALID_PARAMETER)
-        (length,) = struct.unpack_from(">I", body, offset)
-        if length < 2 or offset + 4 + length > len(body):
-            raise ProtocolError("presentation data value length outside the PDU", AbortReason.INVALID_PARAMETER)
-        context_id, control = body[offset + 4], body[offset + 5]
-        items.append((context_id, bool(control & 0x01), bool(control & 0x02), view[offset + 6 : offset + 4 + length]))
-        offset += 4 + length
-    return items
-
-
-def _parse_command(data: bytes) -> dict[int, bytes]:
-    """The command set (group 0000, always Implicit VR Little Endian) as element number -> value bytes."""
-    fields: dict[int, bytes] = {}
-    offset = 0
-    while offset < len(data):
-        if offset + 8 > len(data):
-            raise ProtocolError("truncated command set", AbortReason.INVALID_PARAMETER)
-        group, element, length = struct.unpack_from("<HHI", data, offset)
-        offset += 8
-        if group != 0x0000 or offset + length > len(data):
-            raise ProtocolError("malformed command set", AbortReason.INVALID_PARAMETER)
-        fields[element] = data[offset : offset + length]
-        offset += length
-    for required in (0x0100, 0x0110, 0x0800):
-        if required not in fields:
-            raise ProtocolError(f"command set lacks (0000,{required:04X})", AbortReason.INVALID_PARAMETER)
-    return fields
-
-
-def _us(fields: dict[int, bytes], element: int) -> int:
-    value = fields.get(element, b"")
-    if len(value) != 2:
-        raise ProtocolError(f"command element (0000,{element:04X}) is not a US value", AbortReason.INVALID_PARAMETER)
-    return int(struct.unpack("<H", value)[0])
-
-
-def _ui(fields: dict[int, bytes], element: int) -> str:
-    return fields.get(element, b"").rstrip(b"\x00 ").decode("ascii", "replace")
-
-
-def _element(element: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", 0x0000, element, len(value)) + value
-
-
-def _uid_value(uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
-def _response(context_id: int, command_field: int, message_id: int, sop_class: str, sop_instance: str | None,
-              status: int, comment: str | None) -> bytes:
-    """A C-xxx-RSP command set in one P-DATA-TF PDU (command, last fragment)."""
-    elements = _element(0x0002, _uid_value(sop_class)) + _element(0x0100, struct.pack("<H", command_field))
-    elements += _element(0x0120, struct.pack("<H", message_id)) + _element(0x0800, struct.pack("<H", _NO_DATASET))
-    elements += _element(0x0900, struct.pack("<H", status))
-    if comment:
-        text = comment.encode("ascii", "replace")[:64]
-        elements += _element(0x0902, text + b" " if len(text) % 2 else text)
-    if sop_instance:
-        elements += _element(0x1000, _uid_value(sop_instance))
-    command = _element(0x0000, struct.pack("<I", len(elements))) + elements
-    pdv = struct.pack(">IBB", len(command) + 2, context_id, 0x03) + command
-    return struct.pack(">BBI", _P_DATA, 0, len(pdv)) + pdv
-
-
-def _abort_pdu(reason: AbortReason) -> bytes:
-    return struct.pack(">BBIBBBB", _ABORT, 0, 4, 0, 0, 2, int(reason))
+            result.transfer_syntax = [UID(first)]
 
 
 def close_socket(sock: socket.socket) -> None:

@@ -29,7 +29,7 @@ def _ui(value: str) -> bytes:
 
 
 def _text(value: str) -> bytes:
-    raw = value.encode("ascii")
+    raw = value.encode("ascii", "replace")  # a calling AE title is whatever the peer sent: never fail on it
     return raw + b" " if len(raw) % 2 else raw
 
 

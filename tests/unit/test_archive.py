@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from sqlalchemy import func, select
 from pe_node.config import StorageConfig
 from pe_node.db import Database, Instance, Series, SeriesState
 from pe_node.dicom.archive import Archive, Received, StoreStatus
+from pe_node.dicom.incoming import IncomingDataset
+from pe_node.dicom.part10 import file_header
 from tests.dicom_factory import make_ct_dataset, phantom_slice
 
 STUDY, SERIES = generate_uid(), generate_uid()
@@ -73,7 +76,7 @@ def test_resent_instance_with_new_content_replaces_the_file_and_reopens(archive:
     ds = ct(2)
     archive.store(request(ds))
     with db.session() as session:
-        session.scalars(select(Series)).one().state = SeriesState.COMPLETE
+        session.scalars(select(Series)).one().state = SeriesState.IGNORED
     ds.SeriesDescription = "corrected"
     assert archive.store(request(ds)).status == StoreStatus.SUCCESS
     assert pydicom.dcmread(archive.path_for(STUDY, SERIES, ds.SOPInstanceUID)).SeriesDescription == "corrected"
@@ -156,3 +159,56 @@ def test_stale_temporary_files_are_removed(archive: Archive) -> None:
     fresh.write_bytes(b"another receiver writing right now")
     assert archive.remove_stale_temporaries() == 1
     assert not stale.exists() and fresh.exists()
+
+
+def spooled(archive: Archive, ds: pydicom.Dataset, data: bytes | None = None) -> Received:
+    """The request as the receiver makes it for a large dataset: spooled as it arrived, behind the Part 10 header
+    built from the command (a memory limit of 1 kB makes any dataset large)."""
+    data = encoded(ds) if data is None else data
+    prefix = file_header(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian, "TESTSCU")
+    incoming = IncomingDataset(archive.spool_folder, 1024, prefix)
+    for start in range(0, len(data), 700):
+        incoming.write(memoryview(data)[start : start + 700])
+    assert incoming.spooled
+    return Received(incoming, ExplicitVRLittleEndian, ds.SOPClassUID, ds.SOPInstanceUID, "TESTSCU")
+
+
+def test_a_spooled_dataset_is_renamed_into_place_and_recorded(archive: Archive, db: Database) -> None:
+    ds = ct(20)
+    outcome = archive.store(spooled(archive, ds))
+    assert outcome.status == StoreStatus.SUCCESS and not outcome.duplicate
+    path = archive.path_for(STUDY, SERIES, ds.SOPInstanceUID)
+    assert path.read_bytes().endswith(encoded(ds)) and pydicom.dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
+    assert not list(archive.spool_folder.iterdir()), "the spool file became the instance file"
+    again = archive.store(spooled(archive, ds))
+    assert again.status == StoreStatus.SUCCESS and again.duplicate, "compared piece by piece with the stored file"
+    ds.SeriesDescription = "changed"
+    assert not archive.store(spooled(archive, ds)).duplicate
+    with db.session() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 1
+
+
+def test_a_refused_spooled_dataset_leaves_nothing(archive: Archive) -> None:
+    ds = ct(21)
+    request = spooled(archive, ds, encoded(ds)[:-10])
+    assert archive.store(request).status == StoreStatus.CANNOT_UNDERSTAND
+    assert isinstance(request.dataset, IncomingDataset)
+    request.dataset.discard()
+    assert not any(p.is_file() for p in archive.root.rglob("*"))
+
+
+def test_a_dataset_that_could_not_be_spooled_answers_out_of_resources(archive: Archive) -> None:
+    ds = ct(22)
+    request = spooled(archive, ds)
+    assert isinstance(request.dataset, IncomingDataset)
+    request.dataset.error = OSError(28, "No space left on device")
+    outcome = archive.store(request)
+    assert outcome.status == StoreStatus.OUT_OF_RESOURCES and "No space left" in (outcome.comment or "")
+
+
+def test_stale_spool_files_are_removed(archive: Archive) -> None:
+    archive.spool_folder.mkdir(parents=True)
+    stale = archive.spool_folder / ".spool.1-1.otherhost.9.tmp"
+    stale.write_bytes(b"half a dataset")
+    os.utime(stale, (0, 0))
+    assert archive.remove_stale_temporaries() == 1 and not stale.exists()
