@@ -209,8 +209,8 @@ def _check_ct(where: str, images: list[Image]) -> None:
 def _report_header(first: Slice) -> pydicom.Dataset:
     """The first slice's header without pixel data, for the reports' patient, study and equipment attributes.
 
-    A multi-frame image's per-frame functional groups are dropped (reports copy the header, and they can be
-    thousands of items) and the first frame's geometry is set at the top level, where a single-frame image has it.
+    A multi-frame image's functional groups are dropped (reports copy the header, and they can be thousands of
+    items) and the first frame's geometry and rescale are set at the top level, where a single-frame image has them.
     """
     header = pydicom.dcmread(first.path, stop_before_pixels=True)
     if first.frame is None:
@@ -226,6 +226,9 @@ def _report_header(first: Slice) -> pydicom.Dataset:
         header.PixelSpacing = list(first.pixel_spacing)
     if first.thickness is not None:
         header.SliceThickness = first.thickness
+    if first.rescale is not None:
+        header.RescaleSlope, header.RescaleIntercept = first.rescale
+        header.RescaleType = "HU"
     return header
 
 

@@ -199,6 +199,20 @@ def test_enhanced_ct_gives_the_findings_of_the_classic_series(start_node, tiny_c
     assert [i["frame"] for i in b["images"]] == list(range(SLICES, 0, -1)), "frames in position order"
     assert {i["sop_instance_uid"] for i in b["images"]} == {pydicom.dcmread(enhanced).SOPInstanceUID}
     assert b["outcome"] == a["outcome"] and b["pe_probability"] == pytest.approx(a["pe_probability"], abs=1e-5)
+    references = list(image_references(pydicom.dcmread(b["sr_path"])))
+    assert references and all(frame is not None and 1 <= frame <= SLICES for _, frame in references), \
+        "the SR names the frame of every slice it references"
+    assert {uid for uid, _ in references} == {pydicom.dcmread(enhanced).SOPInstanceUID}
+
+
+def image_references(item: pydicom.Dataset):
+    """(SOP Instance UID, frame number or None) of every image item in an SR content tree."""
+    for child in item.get("ContentSequence", []):
+        if child.get("ValueType") == "IMAGE":
+            ref = child.ReferencedSOPSequence[0]
+            frames = ref.get("ReferencedFrameNumber")
+            yield str(ref.ReferencedSOPInstanceUID), int(frames) if frames is not None else None
+        yield from image_references(child)
 
 
 def test_analyse_all_reports_every_stack_the_rules_leave(start_node, tiny_checkpoint: Path, tmp_path: Path,
