@@ -96,6 +96,7 @@ def run(work: Path, checkpoint: Path, slices: int, quiet: float, skip_orthanc: b
         config = node_config(
             root, free_port(),
             series={"quiet_seconds": quiet, "min_instances": 30, "sweep_seconds": 0.2},
+            study={"quiet_seconds": quiet},  # one series a study: its study is quiet when the series is
             model={"checkpoint": str(checkpoint), "device": "auto", "batch_size": 32},
             worker={"enabled": True, "poll_seconds": 0.1},
             destinations=[{"type": "dicom", "name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1",

@@ -125,12 +125,136 @@ class DatabaseConfig(_Section):
 
 
 class SeriesConfig(_Section):
-    """When a series counts as complete, and which series are analysed at all."""
+    """When a series counts as complete, which series are routed at all, and what a series must be to be analysed."""
 
     quiet_seconds: float = Field(5.0, gt=0, le=3600)
-    min_instances: int = Field(30, ge=1)
+    min_instances: int = Field(30, ge=1, description="the fewest slices (instances or frames) a stack may have")
     modalities: list[str] = Field(default_factory=lambda: ["CT"], min_length=1)
     sweep_seconds: float = Field(0.5, gt=0, le=60)
+    max_tilt_degrees: float = Field(30.0, ge=0, le=90, description="axial: slice normal this close to the body axis")
+    max_matrix: int = Field(2048, ge=16, le=65535, description="Rows and Columns above this: not analysed")
+    max_megavoxels: float = Field(700.0, gt=0, description="slices x rows x columns above this: not analysed")
+
+
+KERNEL_SOFT = [
+    "*SOFT*", "*STANDARD*", "*STND*", "*BODY*", "*MEDIASTIN*", "B1*", "B2*", "B3*", "B4*", "BR3*", "BR4*", "BV*",
+    "I2*", "I3*", "I4*", "FC0*", "FC1*", "FC2*", "FC4*", "A", "B", "C", "CB", "UB",
+]
+"""ConvolutionKernel values of soft-tissue/standard kernels (glob patterns, case-insensitive): GE, Siemens, Canon,
+Philips names."""
+KERNEL_SHARP = [
+    "*LUNG*", "*BONE*", "*SHARP*", "*DETAIL*", "*EDGE*", "B5*", "B6*", "B7*", "B8*", "BL*", "BR6*", "BR7*", "I5*",
+    "I6*", "I7*", "FC5*", "FC8*", "L", "LA", "D", "E", "YA", "YB", "YC", "YD",
+]
+"""ConvolutionKernel values of lung/bone/sharp kernels (glob patterns, case-insensitive)."""
+
+
+class _Rule(_Section):
+    """One selection rule; ``rule`` names it (see ``StudyConfig``)."""
+
+
+class ImageRule(_Rule):
+    rule: Literal["image"]
+
+
+class NotLocalizerRule(_Rule):
+    rule: Literal["not_localizer"]
+
+
+class NotReformatRule(_Rule):
+    rule: Literal["not_reformat"]
+
+
+class VolumeRule(_Rule):
+    rule: Literal["volume"]
+
+
+class AxialRule(_Rule):
+    rule: Literal["axial"]
+
+
+class MinSlicesRule(_Rule):
+    rule: Literal["min_slices"]
+
+
+class ContrastRule(_Rule):
+    rule: Literal["contrast"]
+
+
+class MaxThicknessRule(_Rule):
+    rule: Literal["max_thickness"]
+    mm: float = Field(3.0, gt=0)
+    fallback_mm: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _fallback_not_below(self) -> MaxThicknessRule:
+        if self.fallback_mm < self.mm:
+            raise ValueError(f"fallback_mm ({self.fallback_mm}) must be at least mm ({self.mm})")
+        return self
+
+
+class PreferOriginalRule(_Rule):
+    rule: Literal["prefer_original"]
+
+
+class PreferThinnestRule(_Rule):
+    rule: Literal["prefer_thinnest"]
+
+
+class PreferMostSlicesRule(_Rule):
+    rule: Literal["prefer_most_slices"]
+
+
+class PreferKernelRule(_Rule):
+    rule: Literal["prefer_kernel"]
+    soft: list[str] = Field(default_factory=lambda: list(KERNEL_SOFT))
+    sharp: list[str] = Field(default_factory=lambda: list(KERNEL_SHARP))
+
+
+SelectionRule = Annotated[
+    ImageRule | NotLocalizerRule | NotReformatRule | VolumeRule | AxialRule | MinSlicesRule | ContrastRule
+    | MaxThicknessRule | PreferOriginalRule | PreferThinnestRule | PreferMostSlicesRule | PreferKernelRule,
+    Field(discriminator="rule"),
+]
+RULE_NAMES = ("image", "not_localizer", "not_reformat", "volume", "axial", "min_slices", "contrast", "max_thickness",
+              "prefer_original", "prefer_thinnest", "prefer_most_slices", "prefer_kernel")
+
+
+def _default_rules() -> list[SelectionRule]:
+    return [
+        ImageRule(rule="image"),
+        NotLocalizerRule(rule="not_localizer"),
+        NotReformatRule(rule="not_reformat"),
+        VolumeRule(rule="volume"),
+        AxialRule(rule="axial"),
+        MinSlicesRule(rule="min_slices"),
+        ContrastRule(rule="contrast"),
+        MaxThicknessRule(rule="max_thickness"),
+        PreferOriginalRule(rule="prefer_original"),
+        PreferThinnestRule(rule="prefer_thinnest"),
+        PreferMostSlicesRule(rule="prefer_most_slices"),
+        PreferKernelRule(rule="prefer_kernel"),
+    ]
+
+
+class StudyConfig(_Section):
+    """Which series of a study is analysed (``pe_node.pipeline.selection``), once the study is quiet.
+
+    ``rules`` apply in order. The first seven drop a candidate stack that fails them, the reason shown in the
+    status: ``image`` (a CT image, not a dose report, secondary capture, presentation state or other object),
+    ``not_localizer``, ``not_reformat`` (no MPR, MIP, MinIP, projection or curved reformat, no DERIVED\\SECONDARY),
+    ``volume`` (full geometry: a position for every slice or frame, one matrix, no gaps), ``axial``
+    (series.max_tilt_degrees), ``min_slices`` (series.min_instances), ``contrast`` (when some series of the study
+    names a contrast agent, those that name none are out), ``max_thickness`` (at most ``mm``, or, when no stack is
+    that thin, the thinnest up to ``fallback_mm``). The ``prefer_*`` rules then rank what is left, each breaking the
+    ties of the one before: ORIGINAL over DERIVED, thinnest, most slices, a soft-tissue kernel over an unknown one
+    over a lung/sharp one. ``analyse: best`` analyses the first; ``all`` analyses every stack left, each with its
+    own report.
+    """
+
+    quiet_seconds: float = Field(8.0, gt=0, le=86400)
+    analyse: Literal["best", "all"] = "best"
+    rules: list[SelectionRule] = Field(default_factory=_default_rules, min_length=1)
 
 
 class ModelConfig(_Section):
@@ -242,6 +366,7 @@ class Config(_Section):
     storage: StorageConfig = StorageConfig()
     database: DatabaseConfig = DatabaseConfig()
     series: SeriesConfig = SeriesConfig()
+    study: StudyConfig = StudyConfig()
     model: ModelConfig = ModelConfig()
     worker: WorkerConfig = WorkerConfig()
     destinations: list[Destination] = Field(default_factory=lambda: _default_destinations())
@@ -361,7 +486,7 @@ def _describe(exc: ValidationError, source: str) -> str:
 
 
 def _is_union_tag(part: Any) -> bool:
-    return isinstance(part, str) and part in ("folder", "dicom", "dicomweb")
+    return isinstance(part, str) and part in ("folder", "dicom", "dicomweb", *RULE_NAMES)
 
 
 def _suggestion(location: list[str]) -> str:

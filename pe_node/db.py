@@ -73,12 +73,23 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 
 
 class SeriesState(str, enum.Enum):
-    """RECEIVING until quiet; then COMPLETE (a job was queued) or IGNORED (routing said no, reason kept).
-    A late instance puts a COMPLETE or IGNORED series back to RECEIVING."""
+    """RECEIVING until ``series.quiet_seconds`` pass without an instance, then QUIET. Once the whole study is quiet,
+    a series that routing can never analyse (a modality not routed, no image instances) becomes IGNORED and one
+    that it can becomes DECIDING: the study's job will weigh it. That job leaves each series it weighed ANALYSED (a
+    report was made from it) or NOT_CHOSEN, with the reason kept. A new instance puts any series back to RECEIVING.
+    """
 
     RECEIVING = "receiving"
-    COMPLETE = "complete"
+    QUIET = "quiet"
+    DECIDING = "deciding"
+    ANALYSED = "analysed"
+    NOT_CHOSEN = "not_chosen"
     IGNORED = "ignored"
+
+    @property
+    def settled(self) -> bool:
+        """Whether nothing is received or decided about the series any more (until a new instance arrives)."""
+        return self in (SeriesState.ANALYSED, SeriesState.NOT_CHOSEN, SeriesState.IGNORED)
 
 
 class JobState(str, enum.Enum):
@@ -121,6 +132,25 @@ class Series(Base):
     jobs: Mapped[list[Job]] = relationship(back_populates="series", order_by="Job.id")
 
 
+class Study(Base):
+    """A study as pe-node decides about it: its jobs, and which stacks its current reports were made from.
+
+    ``reported`` lists, per report that stands, ``{"series_instance_uid", "stack", "digest", "job_id",
+    "sr_sop_instance_uid"}`` (``digest``: of the instances analysed), so a later decision can tell whether a series
+    that arrived late, or a late instance, changes what the study should report.
+    """
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    decided_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    reported: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+
+    jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")
+
+
 class Instance(Base):
     __tablename__ = "instances"
 
@@ -140,7 +170,9 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    # the series the job analysed (the first, when ``study.analyse: all`` analysed several); None until decided
+    series_id: Mapped[int | None] = mapped_column(ForeignKey("series.id", ondelete="SET NULL"), index=True)
     state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.QUEUED, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     instances: Mapped[int] = mapped_column(Integer, default=0)
@@ -153,7 +185,8 @@ class Job(Base):
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     timings: Mapped[dict[str, float] | None] = mapped_column(JSON)
 
-    series: Mapped[Series] = relationship(back_populates="jobs")
+    study: Mapped[Study] = relationship(back_populates="jobs")
+    series: Mapped[Series | None] = relationship(back_populates="jobs")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="job", order_by="Delivery.id")
 
 

@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from pe_node import storage
 from pe_node.config import Config, FolderDestination, load_config
-from pe_node.db import Database, Delivery, DeliveryState, Job, JobState, Series
+from pe_node.db import Database, Delivery, DeliveryState, Job, JobState, Series, Study
 from pe_node.dicom.scu import Peer, send_files
 from pe_node.findings import THRESHOLD, ExamResult, clinical_course
 from pe_node.jobs.result import JobResult
@@ -89,12 +89,14 @@ def _series_uid(path: Path) -> str:
 
 
 def wait_for_results(db: Database, series_uid: str, timeout: float) -> dict[str, Any] | None:
-    """The series' newest finished job once its deliveries are done (or failed), else None after ``timeout``."""
+    """The newest finished job of the series' study once its deliveries are done (or failed), else None after
+    ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with db.session() as session:
             job = session.scalars(
-                select(Job).join(Series, Series.id == Job.series_id)
+                select(Job).join(Study, Study.id == Job.study_id)
+                .join(Series, Series.study_instance_uid == Study.study_instance_uid)
                 .where(Series.series_instance_uid == series_uid).order_by(Job.id.desc())
             ).first()
             if job is not None and job.state in (JobState.DONE, JobState.FAILED):
@@ -113,12 +115,15 @@ def describe(job: dict[str, Any], config: Config, work: Path) -> str:
     if job["state"] != "done":
         return f"job {job['id']} failed: {job['error']}"
     result = JobResult.from_json(job["result"])
-    if result.outcome is ExamResult.NOT_ANALYSED:
-        return f"not analysed: {result.detail}"
-    exam = result.exam
+    report = result.primary
+    if report is None:
+        return "nothing new: the study's earlier report stands"
+    if report.outcome is ExamResult.NOT_ANALYSED:
+        return f"not analysed: {report.detail}"
+    exam = report.exam
     lines = [
-        f"PE: {'YES' if result.positive else 'no'} (probability {result.pe_probability or 0.0:.2f}, "
-        f"{result.outcome.value})  [demonstration weights: not for clinical use]",
+        f"PE: {'YES' if report.positive else 'no'} (probability {report.pe_probability or 0.0:.2f}, "
+        f"{report.outcome.value})  [demonstration weights: not for clinical use]",
         "location: " + ", ".join(f"{name} {exam[label]:.2f}" for name, label in
                                  (("central", "central_pe"), ("left", "leftsided_pe"), ("right", "rightsided_pe"))),
         f"chronicity: {clinical_course(exam).value.replace('_', '-')} (chronic {exam['chronic_pe']:.2f}, "
@@ -126,8 +131,8 @@ def describe(job: dict[str, Any], config: Config, work: Path) -> str:
         f"{exam['acute_and_chronic_pe']:.2f})",
         f"RV/LV >= 1: {'yes' if exam['rv_lv_ratio_gte_1'] > THRESHOLD else 'no'} ({exam['rv_lv_ratio_gte_1']:.2f})",
     ]
-    images = {image.sop_instance_uid: (k, image.pe_present_on_image) for k, image in enumerate(result.images)}
-    keys = [f"slice {images[uid][0] + 1} (p {images[uid][1]:.2f})" for uid in result.key_slices]
+    images = {image.sop_instance_uid: (k, image.pe_present_on_image) for k, image in enumerate(report.images)}
+    keys = [f"slice {images[uid][0] + 1} (p {images[uid][1]:.2f})" for uid in report.key_slices]
     lines.append("key slices: " + (", ".join(keys) if keys else "none"))
     timings = job["timings"]
     lines.append("timings: " + ", ".join(f"{phase} {timings[phase]:.2f} s" for phase in
@@ -144,7 +149,8 @@ def _written(result: JobResult, config: Config, work: Path) -> list[str]:
     lines = []
     for item in result.objects:
         ds = pydicom.dcmread(item.path)
-        kind = {"SR": "structured report", "KO": "key object selection"}.get(ds.Modality, "secondary capture")
+        kind = {"SR": "structured report", "KO": "key object selection", "PR": "presentation state"}.get(
+            ds.Modality, "secondary capture")
         where = [storage.instance_path(d.path, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
                  for d in folders]
         lines.append(f"{kind}: {where[0] if where else item.path}")

@@ -96,7 +96,7 @@ class Prediction:
 
 
 class NotAnalysedReason(enum.Enum):
-    """Why a series that was chosen for analysis could not be analysed (the SR codes each reason)."""
+    """Why a series (or a study) could not be analysed (the SR codes each reason)."""
 
     TOO_FEW_SLICES = "too_few_slices"
     NOT_AXIAL = "not_axial"
@@ -104,6 +104,8 @@ class NotAnalysedReason(enum.Enum):
     INCONSISTENT_SPACING = "inconsistent_spacing"
     UNREADABLE = "unreadable"
     IMAGE_TOO_LARGE = "image_too_large"
+    NOT_CT_IMAGES = "not_ct_images"
+    TOO_THICK = "too_thick"
     NO_USABLE_SERIES = "no_usable_series"
 
 

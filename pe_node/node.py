@@ -129,7 +129,7 @@ class Node:
 
     def _sweep(self) -> None:
         try:
-            sweep(self.db, self.config.series, metrics=self.metrics)
+            sweep(self.db, self.config.series, self.config.study, metrics=self.metrics)
         except Exception:
             log.exception("completion sweep failed; retrying at the next tick")
 

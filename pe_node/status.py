@@ -15,6 +15,7 @@ from pe_node.db import (
     Instance,
     Job,
     Series,
+    Study,
 )
 
 
@@ -27,7 +28,8 @@ def collect(db: Database, *, limit: int = 200, audit: bool = False) -> dict[str,
             .group_by(Instance.series_id)
         ).all())
         jobs = session.execute(
-            select(Job, Series.series_instance_uid).join(Series, Series.id == Job.series_id)
+            select(Job, Series.series_instance_uid, Study.study_instance_uid)
+            .join(Study, Study.id == Job.study_id).outerjoin(Series, Series.id == Job.series_id)
             .order_by(Job.id.desc()).limit(limit)
         ).all()
         deliveries = [*session.scalars(
@@ -59,6 +61,7 @@ def collect(db: Database, *, limit: int = 200, audit: bool = False) -> dict[str,
             "jobs": [
                 {
                     "id": job.id,
+                    "study_instance_uid": study_uid,
                     "series_instance_uid": series_uid,
                     "state": job.state.value,
                     "attempts": job.attempts,
@@ -71,7 +74,7 @@ def collect(db: Database, *, limit: int = 200, audit: bool = False) -> dict[str,
                     "timings": job.timings or {},
                     "result": job.result,
                 }
-                for job, series_uid in jobs
+                for job, series_uid, study_uid in jobs
             ],
             "deliveries": [
                 {
@@ -127,14 +130,15 @@ def render(report: dict[str, Any]) -> str:
     lines.append("SERIES")
     for s in report["series"]:
         reason = f"  ({s['reason']})" if s["reason"] else ""
-        lines.append(f"  {s['state']:<9} {s['modality'] or '-':<3} {s['instances']:>5}  {s['series_instance_uid']}"
+        lines.append(f"  {s['state']:<10} {s['modality'] or '-':<3} {s['instances']:>5}  {s['series_instance_uid']}"
                      f"  last {s['last_received_at']}{reason}")
     lines.append("JOBS")
     for j in report["jobs"]:
         timing = " ".join(f"{k}={v:.2f}s" for k, v in (j["timings"] or {}).items())
         error = f"  error: {j['error']}" if j["error"] else ""
-        lines.append(f"  #{j['id']:<5} {j['state']:<8} attempts {j['attempts']}  {j['series_instance_uid']}"
-                     f"  {timing}{error}")
+        analysed = j["series_instance_uid"] or "-"
+        lines.append(f"  #{j['id']:<5} {j['state']:<8} attempts {j['attempts']}  study {j['study_instance_uid']}"
+                     f"  analysed {analysed}  {timing}{error}")
     pending = [d for d in report["deliveries"] if d["state"] != "done"]
     lines.append(f"DELIVERIES ({len(pending)} not delivered)")
     for d in pending:

@@ -193,18 +193,21 @@ def _jobs_table(jobs: list[dict[str, Any]]) -> str:
     rows = []
     for job in jobs:
         result = JobResult.from_json(job["result"]) if job.get("result") else None
-        finding = result.outcome.value if result is not None else None
-        probability = result.pe_probability if result is not None else None
-        detail = (result.detail if result is not None else None) or job.get("error") or ""
+        report = result.primary if result is not None else None
+        finding = result.outcome if result is not None else None
+        probability = report.pe_probability if report is not None else None
+        detail = (report.detail if report is not None else None) or job.get("error") or ""
         timings = " ".join(f"{k} {v:.2f}s" for k, v in (job.get("timings") or {}).items()
                            if k in ("load", "inference", "report", "total"))
         rows.append([
-            _td(job["id"], "num"), f"<td>{_state(job['state'])}</td>", _td(job["series_instance_uid"], "uid"),
+            _td(job["id"], "num"), f"<td>{_state(job['state'])}</td>", _td(job["study_instance_uid"], "uid"),
+            _td(job["series_instance_uid"], "uid"),
             f"<td>{_state(finding) if finding else '-'}</td>",
             _td(f"{probability:.3f}" if probability is not None else None, "num"),
             _td(job["attempts"], "num"), _td(timings), _td(detail),
         ])
-    return _table(["Job", "State", "Series", "Finding", "PE probability", "Attempts", "Timings", "Detail"], rows)
+    return _table(["Job", "State", "Study", "Analysed series", "Finding", "PE probability", "Attempts", "Timings",
+                   "Detail"], rows)
 
 
 def _deliveries_table(deliveries: list[dict[str, Any]]) -> str:

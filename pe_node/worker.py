@@ -1,12 +1,20 @@
-"""The worker: claims jobs, analyses the series, writes the result objects and queues their delivery.
+"""The worker: claims jobs, decides what to analyse in each study, analyses it, writes and queues the results.
 
-One job, start to end: claim under a lease (kept alive by a heartbeat thread), read the series' instances, check
-suitability, run the Predictor, build the report (a "not analysed" SR when the series is unsuitable or
-unreadable, never silence), write the objects to ``<storage>/results/job-<id>/``, record the whole result in the
-job row, queue one delivery per object and destination, and mark the job done. Every step is idempotent: report
-UIDs are derived from the inputs and deliveries are unique per (destination, SOP Instance UID), so a job that runs
-again after a crash makes the same objects and sends each once. An error fails the attempt with its reason (the
-queue retries until ``worker.max_attempts``); a stop request between phases releases the job untouched.
+One job is one study, start to end: claim under a lease (kept alive by a heartbeat thread); read the headers of
+the study's series and split them into stacks (``pe_node.jobs.decision``); rank them with the selection rules
+(``pe_node.pipeline.selection``, ``study.rules``); load the best stack, check its suitability (a stack that fails
+gives way to the next), run the Predictor and build the report; write the objects to
+``<storage>/results/job-<id>/``; record per series what was analysed and why the others were not; queue one
+delivery per object and destination; mark the job done with its ``JobResult``. A study none of whose stacks can be
+analysed gets one "not analysed" report listing each and why, never silence. A study whose standing report was made
+from the stack that still ranks first, unchanged, gets nothing new: a late series that is not better is recorded
+and no object goes to PACS; a better one, or a late instance of the reported stack, makes a report that supersedes
+the standing one.
+
+Every step is idempotent: report UIDs are derived from the inputs and deliveries are unique per (destination, SOP
+Instance UID), so a job that runs again after a crash makes the same objects and sends each once. An error fails
+the attempt with its reason (the queue retries until ``worker.max_attempts``); a stop request between phases
+releases the job untouched.
 """
 
 from __future__ import annotations
@@ -17,32 +25,30 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom import Dataset
-from sqlalchemy import select
+from pydicom.uid import CTImageStorage, generate_uid
 
 from pe_node import __version__, storage
 from pe_node.config import Config
-from pe_node.db import Database, Instance, Job, JobState
+from pe_node.db import Database, JobState, SeriesState
 from pe_node.delivery.outbox import Outbox, enqueue
 from pe_node.delivery.outgoing import Outgoing
-from pe_node.findings import NotAnalysed, NotAnalysedReason, Prediction, exam_result
-from pe_node.jobs.completion import is_eligible
+from pe_node.findings import MAX_DETAIL, NotAnalysed, NotAnalysedReason, Prediction, exam_result
+from pe_node.jobs.decision import StudyView, read_study, record, reported_entry
 from pe_node.jobs.queue import ClaimedJob, JobQueue, LeaseLost, worker_id
-from pe_node.jobs.result import JobResult, ResultObject
+from pe_node.jobs.result import JobResult, Report, ResultObject, SeriesDecision
 from pe_node.metrics import Metrics
-from pe_node.pipeline.series import CTSeries, SeriesError, SliceRef, load_series
+from pe_node.pipeline.selection import Choice, choose, explain
+from pe_node.pipeline.series import CTSeries, ImageTooLarge, SeriesError, SliceRef, load_stack
+from pe_node.pipeline.stacks import Stack
 from pe_node.pipeline.suitability import SuitabilityRules, check_suitability
-from pe_node.reporting import (
-    AlgorithmInfo,
-    ReportObjects,
-    ReportOptions,
-    build_report,
-)
+from pe_node.reporting import AlgorithmInfo, ReportObjects, ReportOptions, build_report
 from pe_node.reporting.report import key_slices
 
 log = logging.getLogger(__name__)
@@ -65,7 +71,7 @@ class Worker:
         self.metrics = metrics or Metrics()
         self.queue = JobQueue(db, config.worker, owner or worker_id())
         self.outbox = Outbox(db, config, self.metrics)
-        self.rules = SuitabilityRules(min_slices=config.series.min_instances)
+        self.rules = SuitabilityRules.of(config.series)
         capture = config.outputs.secondary_capture
         self.options = ReportOptions(
             secondary_capture=capture.enabled,
@@ -134,89 +140,125 @@ class Worker:
         timings: dict[str, float] = {}
         started = time.perf_counter()
         self._checkpoint(lost)
-        with _timed(timings, "load"):
-            series, refusal = self._load(job, self._slice_refs(job))
-        self._checkpoint(lost)
-        if refusal is None:
-            with _timed(timings, "suitability"):
-                refusal = check_suitability(series, self.rules)
-        outcome: Prediction | NotAnalysed
-        if refusal is None:
-            prediction: Prediction = self.predictor.predict(series, cam_slices=self.options.max_images)
-            timings.update({f"inference_{k}": v for k, v in prediction.timings.items() if k != "total"})
-            timings["inference"] = prediction.timings.get("total", 0.0)
-            outcome = prediction
-        else:
-            outcome = refusal
+        with _timed(timings, "decide"):
+            view = read_study(self.db, self.config.storage.path, job.study_id)
+            choice = choose(view.stacks, self.config.study.rules, self.config.series)
+        plan = self._plan(view, choice, lost, timings)
         self._checkpoint(lost)
         with _timed(timings, "report"):
-            previous = self._previous_reports(job)
-            objects = build_report(series, outcome, algorithm=self.algorithm, options=self.options,
-                                   previous=previous)
-            outgoing = self._write(job, objects)
+            reports, outgoing, reported = self._report(job, view, plan)
         self._checkpoint(lost)
         timings["total"] = time.perf_counter() - started
-        result = JobResult.of(
-            outcome,
-            [ResultObject(item.sop_instance_uid, item.sop_class_uid, str(item.path)) for item in outgoing],
-            str(objects.sr.SOPInstanceUID),
-            [str(ds.SOPInstanceUID) for ds in previous],
-            key_slices(outcome, exam_result(outcome), self.options) if isinstance(outcome, Prediction) else (),
-        )
-        with self.db.session() as session:
+        decisions = _decisions(view, choice, plan)
+        result = JobResult(tuple(reports), tuple(decisions), unchanged=not reports)
+        analysed = next((a.stack.series_instance_uid for a in plan.analyses if a.stack is not None), None)
+        with self.db.session() as session:  # the decisions, the deliveries and the job's end commit together
+            record(session, view, job.id, decisions, reported, analysed)
             enqueue(session, job.id, outgoing, [d.name for d in self.config.destinations])
-        self.queue.finish(job.id, result.to_json(), timings)
+            self.queue.finish(job.id, result.to_json(), timings, session=session)
         self.metrics.observe("queue_wait", job.queued_seconds)
         for phase in ("load", "inference", "report"):
             if phase in timings:
                 self.metrics.observe(phase, timings[phase])
-        self.metrics.jobs_finished.labels(outcome=result.outcome.value).inc()
-        log.info("job %d for series %s: %s in %.2f s", job.id, job.series_instance_uid, result.outcome.value,
-                 timings["total"])
+        self.metrics.jobs_finished.labels(outcome=result.outcome).inc()
+        log.info("job %d for study %s: %s in %.2f s", job.id, job.study_instance_uid,
+                 ", ".join(f"{r.outcome.value} ({r.series_instance_uid or 'no series'})" for r in reports)
+                 or "unchanged, the study's report stands", timings["total"])
 
-    def _slice_refs(self, job: ClaimedJob) -> list[SliceRef]:
-        """The eligible instances of the series as they are now (late instances included)."""
-        with self.db.session() as session:
-            rows = session.execute(
-                select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.image_type, Instance.instance_number)
-                .where(Instance.series_id == job.series_id)
-                .order_by(Instance.id)
-            ).all()
-        root = self.config.storage.path
-        return [
-            SliceRef(row.sop_instance_uid, row.sop_class_uid,
-                     storage.instance_path(root, job.study_instance_uid, job.series_instance_uid, row.sop_instance_uid),
-                     0.0, row.instance_number)
-            for row in rows
-            if is_eligible(row.sop_class_uid, row.image_type)
+    def _plan(self, view: StudyView, choice: Choice, lost: threading.Event, timings: dict[str, float]) -> Plan:
+        """What to report: with ``study.analyse: best`` the first ranked stack that loads and passes the checks
+        (nothing, when the study's standing report was made from exactly it), else one "not analysed" report for
+        the study; with ``all`` every ranked stack not reported as it is."""
+        plan = Plan()
+        for stack in choice.ranked:
+            if view.standing(stack) is not None:
+                plan.kept.append(stack)
+                if self.config.study.analyse == "best":
+                    return plan
+                continue
+            self._checkpoint(lost)
+            series, refusal = self._load(stack, timings)
+            if refusal is None:
+                plan.analyses.append(Analysis(stack, series, self._predict(series, timings)))
+                if self.config.study.analyse == "best":
+                    return plan
+            else:
+                plan.failures[id(stack)] = refusal
+                if self.config.study.analyse == "all":  # every usable stack gets its report, a refusal too
+                    plan.analyses.append(Analysis(stack, series, refusal))
+                log.info("study %s: %s not analysed: %s", view.study_instance_uid, stack.describe(), refusal.detail)
+        if not plan.analyses and not plan.kept and not view.stands_unanalysed():
+            plan.analyses.append(_nothing_usable(view, choice, plan))
+        return plan
+
+    def _load(self, stack: Stack, timings: dict[str, float]) -> tuple[CTSeries, NotAnalysed | None]:
+        """The stack's volume and why the model cannot read it (None when it can)."""
+        with _timed(timings, "load"):
+            try:
+                series = load_stack(stack, self.config.series)
+            except ImageTooLarge as exc:
+                return _headers_only(stack), NotAnalysed(NotAnalysedReason.IMAGE_TOO_LARGE, str(exc))
+            except SeriesError as exc:
+                detail = str(exc).replace(str(Path(self.config.storage.path)), "<storage>")[:MAX_DETAIL]
+                return _headers_only(stack), NotAnalysed(NotAnalysedReason.UNREADABLE, detail)
+        with _timed(timings, "suitability"):
+            return series, check_suitability(series, self.rules)
+
+    def _predict(self, series: CTSeries, timings: dict[str, float]) -> Prediction:
+        prediction: Prediction = self.predictor.predict(series, cam_slices=self.options.max_images)
+        for phase, seconds in prediction.timings.items():
+            key = "inference" if phase == "total" else f"inference_{phase}"
+            timings[key] = timings.get(key, 0.0) + seconds
+        return prediction
+
+    def _report(self, job: ClaimedJob, view: StudyView, plan: Plan
+                ) -> tuple[list[Report], list[Outgoing], list[dict[str, Any]] | None]:
+        """Build, write and describe each planned report; the study's standing reports after them (None: kept)."""
+        reports: list[Report] = []
+        outgoing: list[Outgoing] = []
+        standing = [entry for entry in view.reported if any(view.standing(s) is entry for s in plan.kept)]
+        for index, analysis in enumerate(plan.analyses):
+            previous = self._superseded(view, analysis.stack, first=index == 0)
+            objects = build_report(analysis.series, analysis.outcome, algorithm=self.algorithm, options=self.options,
+                                   previous=previous)
+            written = self._write(job, objects)
+            outgoing.extend(written)
+            sr_uid = str(objects.sr.SOPInstanceUID)
+            report = Report.of(
+                analysis.outcome,
+                [ResultObject(item.sop_instance_uid, item.sop_class_uid, str(item.path)) for item in written],
+                sr_uid,
+                series_instance_uid=analysis.stack.series_instance_uid if analysis.stack else None,
+                stack=analysis.stack.key if analysis.stack else None,
+                supersedes=[str(ds.SOPInstanceUID) for ds in previous],
+                key_slices=key_slices(analysis.outcome, exam_result(analysis.outcome), self.options)
+                if isinstance(analysis.outcome, Prediction) else (),
+                frames=[s.frame for s in analysis.series.slices] if isinstance(analysis.outcome, Prediction)
+                else None,
+            )
+            reports.append(report)
+            standing.append(reported_entry(analysis.stack, job.id, sr_uid, report.sr_path, report.outcome.value))
+        return reports, outgoing, standing if reports else None
+
+    def _superseded(self, view: StudyView, stack: Stack | None, first: bool) -> list[Dataset]:
+        """The standing SRs a new report replaces: with ``best`` all of the study's; with ``all`` the one of the
+        same stack, and a study-level "not analysed" one with the first new report."""
+        best = self.config.study.analyse == "best"
+        replaced = [
+            entry for entry in view.reported
+            if best or (stack is not None and (entry.get("series_instance_uid"), entry.get("stack"))
+                        == (stack.series_instance_uid, stack.key))
+            or (first and entry.get("series_instance_uid") is None)
         ]
-
-    def _load(self, job: ClaimedJob, refs: list[SliceRef]) -> tuple[CTSeries, NotAnalysed | None]:
-        """The series in slice order with its pixels, or its headers and why its pixels cannot be used."""
-        missing = [ref.path.name for ref in refs if not ref.path.is_file()]
-        if missing:
-            detail = f"{len(missing)} stored instance files are missing (first: {missing[0]})"
-            return _headers_only(job, refs), NotAnalysed(NotAnalysedReason.UNREADABLE, detail)
-        try:
-            return load_series([ref.path for ref in refs]), None
-        except SeriesError as exc:
-            log.warning("job %d: series %s cannot be read: %s", job.id, job.series_instance_uid, exc)
-            detail = str(exc).replace(str(Path(self.config.storage.path)), "<storage>")[:1024]
-            return _headers_only(job, refs), NotAnalysed(NotAnalysedReason.UNREADABLE, detail)
-
-    def _previous_reports(self, job: ClaimedJob) -> list[Dataset]:
-        """The newest earlier SR of this series, which the new report supersedes."""
-        with self.db.session() as session:
-            rows = session.scalars(
-                select(Job.result)
-                .where(Job.series_id == job.series_id, Job.state == JobState.DONE, Job.id != job.id)
-                .order_by(Job.id.desc())
-            ).all()
-        for stored in rows:
-            sr = JobResult.from_json(stored).sr_path if stored else None
-            if sr and Path(sr).is_file():
-                return [pydicom.dcmread(sr)]
-        return []
+        previous: list[Dataset] = []
+        for entry in replaced:
+            path = Path(str(entry.get("sr_path") or ""))
+            if path.is_file():
+                previous.append(pydicom.dcmread(path))
+            else:
+                log.warning("study %s: the SR of job %s is no longer stored; the new report cannot name it",
+                            view.study_instance_uid, entry.get("job_id"))
+        return previous
 
     def _write(self, job: ClaimedJob, objects: ReportObjects) -> list[Outgoing]:
         folder = storage.results_folder(self.config.storage.path, job.id)
@@ -286,27 +328,92 @@ def _encoded(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def _headers_only(job: ClaimedJob, refs: list[SliceRef]) -> CTSeries:
-    """The series as far as its headers go, for a "not analysed" report of a series whose pixels cannot be read."""
-    header: Dataset | None = None
-    for ref in refs:
-        try:
-            header = pydicom.dcmread(ref.path, stop_before_pixels=True)
-            break
-        except Exception:
-            continue
-    if header is None:
-        header = Dataset()
-        header.StudyInstanceUID = job.study_instance_uid
-        header.SeriesInstanceUID = job.series_instance_uid
-        header.Modality = "CT"
+def _headers_only(stack: Stack) -> CTSeries:
+    """The stack as far as its headers go, for a "not analysed" report of a stack whose pixels cannot be used."""
+    header = _first_header(stack)
+    slices = [SliceRef(s.sop_instance_uid, s.sop_class_uid, s.path, float(i), s.instance_number, s.frame)
+              for i, s in enumerate(stack.slices)] or [SliceRef(header.SOPInstanceUID, str(header.SOPClassUID),
+                                                               Path(), 0.0, None)]
     return CTSeries(
-        study_instance_uid=job.study_instance_uid,
-        series_instance_uid=job.series_instance_uid,
-        slices=refs,
+        study_instance_uid=stack.study_instance_uid,
+        series_instance_uid=stack.series_instance_uid,
+        slices=slices,
         hu=np.zeros((0, 0, 0), dtype=np.int16),
         pixel_spacing=(1.0, 1.0),
         slice_spacing=0.0,
         orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
         header=header,
     )
+
+
+def _first_header(stack: Stack) -> Dataset:
+    """The header of the stack's first readable file, or a bare one naming its study and series."""
+    for piece in stack.slices:
+        try:
+            return pydicom.dcmread(piece.path, stop_before_pixels=True)
+        except Exception:  # a damaged file: a not-analysed report must still be made
+            continue
+    header = Dataset()
+    header.StudyInstanceUID = stack.study_instance_uid
+    header.SeriesInstanceUID = stack.series_instance_uid
+    header.SOPInstanceUID = generate_uid(entropy_srcs=[stack.series_instance_uid, "no readable instance"])
+    header.SOPClassUID = stack.sop_class_uid or CTImageStorage
+    header.Modality = stack.modality or "CT"
+    return header
+
+
+@dataclass
+class Analysis:
+    """One planned report: the stack (None: the study as a whole), its volume or headers, and the outcome."""
+
+    stack: Stack | None
+    series: CTSeries
+    outcome: Prediction | NotAnalysed
+
+
+@dataclass
+class Plan:
+    """What a job reports (``analyses``), which standing reports it keeps (``kept``), and why ranked stacks
+    failed the checks after loading (``failures``, by ``id`` of the stack)."""
+
+    analyses: list[Analysis] = field(default_factory=list)
+    kept: list[Stack] = field(default_factory=list)
+    failures: dict[int, NotAnalysed] = field(default_factory=dict)
+
+
+def _nothing_usable(view: StudyView, choice: Choice, plan: Plan) -> Analysis:
+    """One "not analysed" report for a study none of whose stacks could be analysed: the one stack's own reason, or
+    each stack and why."""
+    failed = [(stack, plan.failures[id(stack)]) for stack in choice.ranked if id(stack) in plan.failures]
+    why = [*choice.dropped, *failed]
+    if not why:
+        raise RuntimeError(f"study {view.study_instance_uid}: no stack to weigh and none analysed")
+    source = min((stack for stack, _ in why), key=lambda s: (bool(choice.why(s)), -len(s.slices)))
+    if len(why) == 1:
+        return Analysis(None, _headers_only(source), why[0][1])
+    listed = "; ".join(f"{stack.describe()}: {reason.detail}" for stack, reason in why)
+    detail = f"no series of the study could be analysed: {listed}"
+    if len(detail) > MAX_DETAIL:
+        detail = detail[: MAX_DETAIL - 4] + " ..."
+    return Analysis(None, _headers_only(source), NotAnalysed(NotAnalysedReason.NO_USABLE_SERIES, detail))
+
+
+def _decisions(view: StudyView, choice: Choice, plan: Plan) -> list[SeriesDecision]:
+    """Each weighed series' state and reason after the plan: analysed (a report stands from it) or not chosen."""
+    analysed = [a.stack for a in plan.analyses if a.stack is not None and not isinstance(a.outcome, NotAnalysed)]
+    analysed += plan.kept
+    order = [*choice.ranked, *(s for s, _ in choice.dropped)]
+    decisions = []
+    for row in view.series:
+        stacks = [s for s in order if s.series_instance_uid == row.series_instance_uid]
+        if any(s in analysed for s in stacks):
+            others = [s for s in stacks if s not in analysed]
+            reason = "; ".join(f"stack {s.label}: {explain(s, choice, analysed, plan.failures)}" for s in others)
+            decisions.append(SeriesDecision(row.series_instance_uid, SeriesState.ANALYSED.value, reason or None))
+        elif stacks:
+            decisions.append(SeriesDecision(row.series_instance_uid, SeriesState.NOT_CHOSEN.value,
+                                            explain(stacks[0], choice, analysed, plan.failures)))
+        else:
+            decisions.append(SeriesDecision(row.series_instance_uid, SeriesState.NOT_CHOSEN.value,
+                                            "no instances to read"))
+    return decisions

@@ -66,6 +66,7 @@ def node_config(root: Path, port: int, **sections: dict[str, Any]) -> dict[str, 
         "storage": {"path": str(root / "dicom"), "min_free_mb": 1},
         "database": {"url": f"sqlite:///{root / 'pe-node.db'}"},
         "series": {"quiet_seconds": 1.0, "min_instances": 5, "sweep_seconds": 0.2},
+        "study": {"quiet_seconds": 1.5},
         "worker": {"enabled": False},
         "destinations": [{"name": "outbox", "type": "folder", "path": str(root / "outbox")}],
         "web": {"enabled": True, "host": "127.0.0.1", "port": 0},
@@ -306,6 +307,24 @@ class Orthanc:
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
             return json.loads(response.read())
+
+    def post(self, path: str, body: bytes | str, content_type: str = "application/json", method: str = "POST") -> Any:
+        data = body.encode() if isinstance(body, str) else body
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method,
+                                         headers={"Content-Type": content_type})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = response.read()
+        return json.loads(answer) if answer.strip() else None
+
+    def upload(self, dicom: bytes) -> None:
+        """Store one DICOM file through the REST API, as a PACS holds the studies it routes."""
+        status = self.post("/instances", dicom, content_type="application/dicom").get("Status")
+        if status not in ("Success", "AlreadyStored"):
+            raise RuntimeError(f"Orthanc did not store the instance: {status}")
+
+    def put_modality(self, name: str, parameters: list[Any]) -> None:
+        """Declare a DICOM modality ([AET, host, port]) that Orthanc can send studies to."""
+        self.post(f"/modalities/{name}", json.dumps(parameters), method="PUT")
 
     def __enter__(self) -> Orthanc:
         return self.start()

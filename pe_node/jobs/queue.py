@@ -9,6 +9,7 @@ the reason once ``worker.max_attempts`` attempts have been used.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -17,9 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from pe_node.config import WorkerConfig
-from pe_node.db import Database, Job, JobState, Series, rowcount, utcnow
+from pe_node.db import Database, Job, JobState, Study, rowcount, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,7 @@ class ClaimedJob:
     """What a worker needs to run a job it holds the lease of."""
 
     id: int
-    series_id: int
-    series_instance_uid: str
+    study_id: int
     study_instance_uid: str
     attempt: int
     queued_seconds: float
@@ -79,11 +80,11 @@ class JobQueue:
             if claimed != 1:
                 return None
             session.refresh(job)
-            series = session.get(Series, job.series_id)
-            assert series is not None
-            log.info("job %d claimed by %s (attempt %d) for series %s", job.id, self.owner, job.attempts,
-                     series.series_instance_uid)
-            return ClaimedJob(job.id, series.id, series.series_instance_uid, series.study_instance_uid, job.attempts,
+            study = session.get(Study, job.study_id)
+            assert study is not None
+            log.info("job %d claimed by %s (attempt %d) for study %s", job.id, self.owner, job.attempts,
+                     study.study_instance_uid)
+            return ClaimedJob(job.id, study.id, study.study_instance_uid, job.attempts,
                               (now - job.created_at).total_seconds())
 
     def heartbeat(self, job_id: int, now: dt.datetime | None = None) -> None:
@@ -99,9 +100,10 @@ class JobQueue:
             raise LeaseLost(f"job {job_id}: lease no longer held by {self.owner}")
 
     def finish(self, job_id: int, result: dict[str, Any] | None, timings: dict[str, float],
-               now: dt.datetime | None = None) -> None:
-        """Mark the job done with its result; raise LeaseLost if the lease was lost meanwhile."""
-        self._end(job_id, JobState.DONE, now, result=result, timings=timings, error=None)
+               now: dt.datetime | None = None, session: Session | None = None) -> None:
+        """Mark the job done with its result; raise LeaseLost if the lease was lost meanwhile. Given ``session``,
+        in its transaction, so that what the job leaves elsewhere commits with it or not at all."""
+        self._end(job_id, JobState.DONE, now, session, result=result, timings=timings, error=None)
         log.info("job %d done", job_id)
 
     def fail(self, job_id: int, error: str, now: dt.datetime | None = None) -> JobState:
@@ -126,11 +128,12 @@ class JobQueue:
             )
         log.info("job %d released back to the queue", job_id)
 
-    def _end(self, job_id: int, state: JobState, now: dt.datetime | None, **values: Any) -> None:
+    def _end(self, job_id: int, state: JobState, now: dt.datetime | None, session: Session | None = None,
+             **values: Any) -> None:
         now = now or utcnow()
         finished = now if state in (JobState.DONE, JobState.FAILED) else None
-        with self.db.session() as session:
-            ended = rowcount(session.execute(
+        with contextlib.nullcontext(session) if session is not None else self.db.session() as active:
+            ended = rowcount(active.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_owner == self.owner)
                 .values(state=state, lease_owner=None, lease_expires_at=None, finished_at=finished, **values)

@@ -1,9 +1,10 @@
 """Retention: received series and their results are deleted after ``retention.days``, oldest first, and sooner
 when the disk runs below the watermark.
 
-A series is eligible once it is settled: routed (COMPLETE or IGNORED), no job of it queued or running, and no
-delivery of its results pending. Its instance files, the folder of each of its jobs' results and its instance
-rows are deleted; the series, job and delivery rows stay as history, with ``purged_at`` set. Below
+A series is eligible once it is settled: decided (analysed, not chosen or ignored), no job of its study queued or
+running, and no delivery of its study's results pending. Its instance files, the results of the jobs that analysed
+it (and, with the study's last series, those of its study-level reports) and its instance rows are deleted; the
+series, job and delivery rows stay as history, with ``purged_at`` set. Below
 ``storage.min_free_mb`` (where C-STORE would refuse), settled series are deleted oldest first, whatever their age,
 until there is headroom again. A series that is still being received, analysed or delivered is never touched.
 """
@@ -31,11 +32,13 @@ from pe_node.db import (
     JobState,
     Series,
     SeriesState,
+    Study,
     utcnow,
 )
 
 log = logging.getLogger(__name__)
 
+SETTLED = [state for state in SeriesState if state.settled]
 HEADROOM = 1.1  # clean until 10 % above the watermark, so the next series does not hit it at once
 BATCH = 50
 
@@ -78,15 +81,14 @@ class Retention:
 
     def _settled(self, before: dt.datetime, limit: int = BATCH) -> list[int]:
         """Ids of settled, not yet purged series last received before ``before``, oldest first."""
-        busy_job = exists().where(Job.series_id == Series.id, Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
-        busy_delivery = exists().where(
-            Delivery.job_id == Job.id, Job.series_id == Series.id, Delivery.state == DeliveryState.PENDING
-        )
+        of_study = (Job.study_id == Study.id) & (Study.study_instance_uid == Series.study_instance_uid)
+        busy_job = exists().where(of_study, Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+        busy_delivery = exists().where(of_study, Delivery.job_id == Job.id, Delivery.state == DeliveryState.PENDING)
         with self.db.session() as session:
             return list(session.scalars(
                 select(Series.id)
                 .where(
-                    Series.state.in_([SeriesState.COMPLETE, SeriesState.IGNORED]),
+                    Series.state.in_(SETTLED),
                     Series.purged_at.is_(None),
                     Series.last_received_at < before,
                     ~busy_job,
@@ -118,7 +120,15 @@ class Retention:
             count += sum(1 for p in folder.iterdir() if p.is_file())
             shutil.rmtree(folder)
             _remove_if_empty(folder.parent)
-        for job_id in session.scalars(select(Job.id).where(Job.series_id == series.id)):
+        others = session.scalar(
+            select(Series.id).where(Series.study_instance_uid == series.study_instance_uid, Series.id != series.id,
+                                    Series.purged_at.is_(None)).limit(1)
+        )
+        analysed_it = Job.series_id == series.id
+        if others is None:  # the study's last series: its study-level ("not analysed") results go with it
+            study = select(Study.id).where(Study.study_instance_uid == series.study_instance_uid).scalar_subquery()
+            analysed_it = analysed_it | (Job.series_id.is_(None) & (Job.study_id == study))
+        for job_id in session.scalars(select(Job.id).where(analysed_it)):
             results = storage.results_folder(self.storage, job_id)
             if results.is_dir():
                 count += sum(1 for p in results.iterdir() if p.is_file())
@@ -127,13 +137,14 @@ class Retention:
 
 
 def _still_settled(session: Session, series: Series) -> bool:
-    if series.state not in (SeriesState.COMPLETE, SeriesState.IGNORED) or series.purged_at is not None:
+    if series.state not in SETTLED or series.purged_at is not None:
         return False
+    of_study = select(Study.id).where(Study.study_instance_uid == series.study_instance_uid).scalar_subquery()
     busy = session.scalar(
-        select(Job.id).where(Job.series_id == series.id, Job.state.in_([JobState.QUEUED, JobState.RUNNING])).limit(1)
+        select(Job.id).where(Job.study_id == of_study, Job.state.in_([JobState.QUEUED, JobState.RUNNING])).limit(1)
     ) or session.scalar(
         select(Delivery.id).join(Job, Job.id == Delivery.job_id)
-        .where(Job.series_id == series.id, Delivery.state == DeliveryState.PENDING).limit(1)
+        .where(Job.study_id == of_study, Delivery.state == DeliveryState.PENDING).limit(1)
     )
     return busy is None
 

@@ -1,13 +1,16 @@
-"""Reading one CT series from DICOM files into a volume in slice order and Hounsfield units.
+"""Reading one stack of CT slices from DICOM files into a volume in slice order and Hounsfield units.
 
 Slices are ordered along the slice normal (the cross product of the two ImageOrientationPatient direction cosines)
 by the projection of ImagePositionPatient on it, never by InstanceNumber, which scanners and PACS do not keep in
-position order.
+position order; the frames of a multi-frame image (Enhanced CT) likewise by their per-frame positions, never by
+frame number.
 
-``load_series`` reads the headers first (without pixel data), refuses with ``SeriesError`` anything that is not
-one CT series with full geometry, then decodes the pixels slice by slice (compressed transfer syntaxes through
-pydicom's pylibjpeg / GDCM plugins) straight into one preallocated int16 volume, so that a 1,100-slice series never
-exists as a float copy. Whether the series suits the model (axial, enough slices, contrast) is judged elsewhere.
+``load_stack`` decodes the pixels of a ``pe_node.pipeline.stacks.Stack`` slice by slice (compressed transfer syntaxes
+through pydicom's pylibjpeg / GDCM plugins; a multi-frame image frame by frame) straight into one preallocated int16
+volume, so that a 1,100-slice series never exists as a float copy, after checking its size against
+``series.max_matrix`` and ``series.max_megavoxels`` before anything is allocated. ``load_series`` reads a folder or
+list of files that must hold one CT series of one stack (``pe-node predict``, training). Whether a stack suits the
+model (axial, enough slices, contrast) is judged elsewhere.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_modality_lut, iter_pixels
+
+from pe_node.config import SeriesConfig
+from pe_node.pipeline.stacks import Image, Slice, Stack, read_image, stacks_of
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +40,10 @@ Orientation = tuple[float, float, float, float, float, float]
 
 class SeriesError(ValueError):
     """Files that do not make one readable CT series; the message names the files or series and the reason."""
+
+
+class ImageTooLarge(SeriesError):
+    """A stack over ``series.max_matrix`` or ``series.max_megavoxels``: refused before its pixels are allocated."""
 
 
 @dataclass(frozen=True)
@@ -79,71 +88,75 @@ class CTSeries:
         return len(self.slices)
 
 
-@dataclass(frozen=True)
-class _Header:
-    """What the header pass keeps of each file: identity and geometry, not the whole dataset."""
-
-    path: Path
-    sop_instance_uid: str
-    sop_class_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    modality: str
-    instance_number: int | None
-    position: np.ndarray | None
-    orientation: np.ndarray | None
-    pixel_spacing: tuple[float, float] | None
-    rows: int
-    columns: int
-    frames: int
-    thickness: float | None
-
-
-def load_series(source: str | Path | Iterable[str | Path]) -> CTSeries:
-    """Read one CT series from a folder (searched recursively), one file, or a list of files.
+def load_series(source: str | Path | Iterable[str | Path], limits: SeriesConfig | None = None) -> CTSeries:
+    """Read one CT series of one stack from a folder (searched recursively), one file, or a list of files.
 
     Files that are not DICOM, and DICOM files without a series (a DICOMDIR), are skipped. Raises ``SeriesError``
-    when no DICOM image is found, the files hold more than one series, the modality is not CT, a slice is
-    multi-frame, lacks geometry (ImagePositionPatient, ImageOrientationPatient, PixelSpacing) or has another size or
-    orientation than the others, or its pixels cannot be decoded. ``slice_spacing`` is the median gap between
-    neighbouring slice positions (SliceThickness, else 0, for a single slice).
+    when no DICOM image is found, the files hold more than one series or more than one stack (two reconstructions,
+    two sizes), the modality is not CT, a slice lacks geometry (ImagePositionPatient, ImageOrientationPatient,
+    PixelSpacing), or its pixels cannot be decoded.
     """
     where, paths = _files(source)
-    headers = list(_one_series(where, _unique(h for h in map(_read_header, paths) if h is not None)))
-    if not headers:
+    images = list(_one_series(where, _unique(_read(path) for path in paths)))
+    if not images:
         raise SeriesError(f"{where}: no DICOM image files")
-    _check_one_ct_series(where, headers)
-    orientation = _check_geometry(headers)
-    normal = np.cross(orientation[:3], orientation[3:])
-    headers.sort(key=lambda h: (float(h.position @ normal), h.instance_number or 0, h.sop_instance_uid))
-    positions = np.array([float(h.position @ normal) for h in headers])
-    hu = np.empty((len(headers), headers[0].rows, headers[0].columns), dtype=np.int16)
-    for index, header in enumerate(headers):
-        _read_pixels(header, hu[index])
-    first = headers[0]
+    _check_ct(where, images)
+    stacks = stacks_of(images)
+    if len(stacks) > 1:
+        listed = "; ".join(f"{s.label}: {len(s.slices)} slices of {s.matrix[0]}x{s.matrix[1]}"
+                           + (f" ({', '.join(s.problems)})" if s.problems else "") for s in stacks)
+        raise SeriesError(f"{where}: series {images[0].series_instance_uid} holds {len(stacks)} stacks, "
+                          f"not one volume: {listed}")
+    return load_stack(stacks[0], limits)
+
+
+def load_stack(stack: Stack, limits: SeriesConfig | None = None) -> CTSeries:
+    """The volume of ``stack``; raises ``ImageTooLarge`` over the limits, ``SeriesError`` for anything unreadable."""
+    limits = limits or SeriesConfig()
+    if stack.problems:
+        raise SeriesError("; ".join(stack.problems))
+    if not stack.slices:
+        raise SeriesError(f"series {stack.series_instance_uid}: no slices")
+    too_large = size_problem(stack, limits)
+    if too_large is not None:
+        raise ImageTooLarge(too_large)
+    rows, columns = stack.matrix
+    positions, orientation = stack.positions(), stack.orientation
+    assert positions is not None and orientation is not None, "a stack without problems has its geometry"
+    first = stack.slices[0]
+    hu = np.empty((len(stack.slices), rows, columns), dtype=np.int16)
+    _read_pixels(stack.slices, hu)
+    header = _report_header(first)
     return CTSeries(
-        study_instance_uid=first.study_instance_uid,
-        series_instance_uid=first.series_instance_uid,
+        study_instance_uid=stack.study_instance_uid,
+        series_instance_uid=stack.series_instance_uid,
         slices=[
-            SliceRef(h.sop_instance_uid, h.sop_class_uid, h.path, float(p), h.instance_number)
-            for h, p in zip(headers, positions, strict=True)
+            SliceRef(s.sop_instance_uid, s.sop_class_uid, s.path, float(p), s.instance_number, s.frame)
+            for s, p in zip(stack.slices, positions, strict=True)
         ],
         hu=hu,
         pixel_spacing=first.pixel_spacing or (1.0, 1.0),
         slice_spacing=_slice_spacing(positions, first.thickness),
-        orientation=_orientation(orientation),
-        header=pydicom.dcmread(first.path, stop_before_pixels=True),
+        orientation=orientation,
+        header=header,
     )
 
 
-def _orientation(values: np.ndarray) -> Orientation:
-    row_x, row_y, row_z, column_x, column_y, column_z = (float(v) for v in values)
-    return row_x, row_y, row_z, column_x, column_y, column_z
+def size_problem(stack: Stack, limits: SeriesConfig) -> str | None:
+    """Why the stack is too large to load (``series.max_matrix``, ``series.max_megavoxels``), or None."""
+    rows, columns = stack.matrix
+    if max(rows, columns) > limits.max_matrix:
+        return f"image too large: {rows} x {columns} pixels (series.max_matrix {limits.max_matrix})"
+    megavoxels = len(stack.slices) * rows * columns / 1e6
+    if megavoxels > limits.max_megavoxels:
+        return (f"image too large: {len(stack.slices)} slices of {rows} x {columns}, {megavoxels:.0f} megavoxels "
+                f"(series.max_megavoxels {limits.max_megavoxels:g})")
+    return None
 
 
 def _files(source: str | Path | Iterable[str | Path]) -> tuple[str, list[Path]]:
     """A description of the source for messages, and its files in a stable order."""
-    if isinstance(source, (str, os.PathLike)):
+    if isinstance(source, str | os.PathLike):
         root = Path(source)
         if root.is_dir():
             return str(root), sorted(p for p in root.rglob("*") if p.is_file())
@@ -157,138 +170,119 @@ def _files(source: str | Path | Iterable[str | Path]) -> tuple[str, list[Path]]:
     return f"{len(paths)} files", paths
 
 
-def _read_header(path: Path) -> _Header | None:
+def _read(path: Path) -> Image | None:
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except InvalidDicomError:
-        logger.debug("skipping %s: not a DICOM file", path)
-        return None
-    except Exception as error:  # a damaged file: pydicom raises many kinds here
-        raise SeriesError(f"{path}: unreadable DICOM header ({error})") from None
-    if "SeriesInstanceUID" not in ds or "SOPInstanceUID" not in ds:
-        logger.debug("skipping %s: no series or SOP instance UID (a DICOMDIR?)", path)
-        return None
-    try:
-        return _Header(
-            path=path,
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            sop_class_uid=str(ds.get("SOPClassUID", "")),
-            study_instance_uid=str(ds.get("StudyInstanceUID", "")),
-            series_instance_uid=str(ds.SeriesInstanceUID),
-            modality=str(ds.get("Modality", "")),
-            instance_number=_optional_int(ds, "InstanceNumber"),
-            position=_vector(ds, "ImagePositionPatient", 3),
-            orientation=_vector(ds, "ImageOrientationPatient", 6),
-            pixel_spacing=_spacing(ds),
-            rows=int(ds.get("Rows", 0) or 0),
-            columns=int(ds.get("Columns", 0) or 0),
-            frames=_optional_int(ds, "NumberOfFrames") or 1,
-            thickness=_optional_float(ds, "SliceThickness"),
-        )
-    except (TypeError, ValueError) as error:
-        raise SeriesError(f"{path}: malformed header value ({error})") from None
+        return read_image(path)
+    except ValueError as error:
+        raise SeriesError(str(error)) from None
 
 
-def _optional_int(ds: pydicom.Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
-    return None if value is None or value == "" else int(value)
-
-
-def _optional_float(ds: pydicom.Dataset, keyword: str) -> float | None:
-    value = ds.get(keyword)
-    return None if value is None or value == "" else float(value)
-
-
-def _vector(ds: pydicom.Dataset, keyword: str, length: int) -> np.ndarray | None:
-    value = ds.get(keyword)
-    if value is None or value == "" or len(value) != length:
-        return None
-    return np.array([float(v) for v in value], dtype=np.float64)
-
-
-def _spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
-    value = _vector(ds, "PixelSpacing", 2)
-    return None if value is None else (float(value[0]), float(value[1]))
-
-
-def _unique(headers: Iterable[_Header]) -> Iterable[_Header]:
-    """One header per SOP instance (the same instance stored twice is read once)."""
+def _unique(images: Iterable[Image | None]) -> Iterable[Image]:
+    """One image per SOP instance (the same instance stored twice is read once)."""
     seen: set[str] = set()
-    for header in headers:
-        if header.sop_instance_uid not in seen:
-            seen.add(header.sop_instance_uid)
-            yield header
+    for image in images:
+        if image is not None and image.sop_instance_uid not in seen:
+            seen.add(image.sop_instance_uid)
+            yield image
 
 
-def _one_series(where: str, headers: Iterable[_Header]) -> Iterable[_Header]:
-    """The headers, refused as soon as a second series shows up (a wrong folder may hold thousands of files)."""
-    first: _Header | None = None
-    for header in headers:
-        first = first or header
-        if header.series_instance_uid != first.series_instance_uid:
+def _one_series(where: str, images: Iterable[Image]) -> Iterable[Image]:
+    """The images, refused as soon as a second series shows up (a wrong folder may hold thousands of files)."""
+    first: Image | None = None
+    for image in images:
+        first = first or image
+        if image.series_instance_uid != first.series_instance_uid:
             raise SeriesError(
                 f"{where}: more than one series ({first.series_instance_uid} in {first.path.name}, "
-                f"{header.series_instance_uid} in {header.path.name}); expected one CT series"
+                f"{image.series_instance_uid} in {image.path.name}); expected one CT series"
             )
-        yield header
+        yield image
 
 
-def _check_one_ct_series(where: str, headers: list[_Header]) -> None:
-    modalities = sorted({h.modality for h in headers})
+def _check_ct(where: str, images: list[Image]) -> None:
+    modalities = sorted({image.modality for image in images})
     if modalities != ["CT"]:
-        series = headers[0].series_instance_uid
+        series = images[0].series_instance_uid
         raise SeriesError(f"{where}: series {series} has modality {'/'.join(modalities) or 'none'}, not CT")
-    multiframe = [h for h in headers if h.frames > 1]
-    if multiframe:
-        raise SeriesError(
-            f"{multiframe[0].path}: multi-frame image ({multiframe[0].frames} frames); "
-            "only single-frame CT slices are supported"
-        )
 
 
-def _check_geometry(headers: list[_Header]) -> np.ndarray:
-    """The series' ImageOrientationPatient, after checking every slice has full and matching geometry."""
-    for header in headers:
-        for name, value in (
-            ("ImagePositionPatient", header.position),
-            ("ImageOrientationPatient", header.orientation),
-            ("PixelSpacing", header.pixel_spacing),
-        ):
-            if value is None:
-                raise SeriesError(f"{header.path}: missing or malformed {name}; the slices cannot be placed")
-        if header.rows < 1 or header.columns < 1:
-            raise SeriesError(f"{header.path}: missing Rows/Columns")
-    first = headers[0]
-    orientation = first.orientation
-    assert orientation is not None
-    normal = np.cross(orientation[:3], orientation[3:])
-    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-2):
-        raise SeriesError(f"{first.path}: ImageOrientationPatient {orientation.tolist()} is not two unit vectors")
-    for header in headers[1:]:
-        if (header.rows, header.columns) != (first.rows, first.columns):
-            raise SeriesError(
-                f"{header.path}: {header.rows}x{header.columns} pixels, other slices have {first.rows}x{first.columns}"
-            )
-        if header.orientation is None or not np.allclose(header.orientation, orientation,
-                                                         atol=_ORIENTATION_TOLERANCE):
-            raise SeriesError(f"{header.path}: ImageOrientationPatient differs from the other slices'")
-    return orientation
+def _report_header(first: Slice) -> pydicom.Dataset:
+    """The first slice's header without pixel data, for the reports' patient, study and equipment attributes.
+
+    A multi-frame image's functional groups are dropped (reports copy the header, and they can be thousands of
+    items) and the first frame's geometry and rescale are set at the top level, where a single-frame image has them.
+    """
+    header = pydicom.dcmread(first.path, stop_before_pixels=True)
+    if first.frame is None:
+        return header
+    for keyword in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+        if keyword in header:
+            delattr(header, keyword)
+    if first.position is not None:
+        header.ImagePositionPatient = list(first.position)
+    if first.orientation is not None:
+        header.ImageOrientationPatient = list(first.orientation)
+    if first.pixel_spacing is not None:
+        header.PixelSpacing = list(first.pixel_spacing)
+    if first.thickness is not None:
+        header.SliceThickness = first.thickness
+    if first.rescale is not None:
+        header.RescaleSlope, header.RescaleIntercept = first.rescale
+        header.RescaleType = "HU"
+    return header
 
 
-def _read_pixels(header: _Header, out: np.ndarray) -> None:
-    """Decode one slice and store it in ``out`` as HU (Modality LUT applied, rounded, clipped to int16)."""
+def _read_pixels(slices: list[Slice], out: np.ndarray) -> None:
+    """Decode every slice into ``out`` (slice order) as HU: a file at a time, a multi-frame file frame by frame."""
+    by_file: dict[Path, list[int]] = {}
+    for index, piece in enumerate(slices):
+        by_file.setdefault(piece.path, []).append(index)
+    for path, indices in by_file.items():
+        if slices[indices[0]].frame is None:
+            _read_single(path, out[indices[0]])
+        else:
+            _read_frames(path, [(slices[i], out[i]) for i in indices])
+
+
+def _read_single(path: Path, out: np.ndarray) -> None:
+    """Decode one single-frame file into ``out`` (Modality LUT applied, rounded, clipped to int16)."""
     try:
-        ds = pydicom.dcmread(header.path)
+        ds = pydicom.dcmread(path)
     except Exception as error:  # the file changed or broke since its header was read
-        raise SeriesError(f"{header.path}: unreadable DICOM file ({error})") from None
+        raise SeriesError(f"{path}: unreadable DICOM file ({error})") from None
     try:
         stored = ds.pixel_array
     except Exception as error:  # decoding boundary: missing plugin, damaged fragment, truncated pixel data
         syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "unknown")
-        raise SeriesError(f"{header.path}: pixel data cannot be decoded (transfer syntax {syntax}): {error}") from None
+        raise SeriesError(f"{path}: pixel data cannot be decoded (transfer syntax {syntax}): {error}") from None
     if stored.shape != out.shape:
-        raise SeriesError(f"{header.path}: pixel data of shape {stored.shape}, expected {out.shape}")
-    values = apply_modality_lut(stored, ds)
+        raise SeriesError(f"{path}: pixel data of shape {stored.shape}, expected {out.shape}")
+    _store(apply_modality_lut(stored, ds), out)
+
+
+def _read_frames(path: Path, targets: list[tuple[Slice, np.ndarray]]) -> None:
+    """Decode the frames of one multi-frame file one at a time, each with its own rescale, into its target."""
+    wanted = {piece.frame or 1: (piece, out) for piece, out in targets}
+    try:
+        for index, frame in enumerate(iter_pixels(path), start=1):
+            if index not in wanted:
+                continue
+            piece, out = wanted.pop(index)
+            if frame.shape != out.shape:
+                raise SeriesError(f"{path} frame {index}: pixel data of shape {frame.shape}, expected {out.shape}")
+            slope, intercept = piece.rescale or (1.0, 0.0)
+            _store(frame.astype(np.float64) * slope + intercept if (slope, intercept) != (1.0, 0.0) else frame, out)
+            if not wanted:
+                break
+    except SeriesError:
+        raise
+    except Exception as error:  # decoding boundary, as for single frames
+        raise SeriesError(f"{path}: pixel data cannot be decoded: {error}") from None
+    if wanted:
+        raise SeriesError(f"{path}: frames {sorted(wanted)} are missing from the pixel data")
+
+
+def _store(values: np.ndarray, out: np.ndarray) -> None:
     if np.issubdtype(values.dtype, np.floating):
         values = np.rint(values)
     np.clip(values, _INT16.min, _INT16.max, out=out, casting="unsafe")

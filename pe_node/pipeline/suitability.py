@@ -10,10 +10,12 @@ model reports such exams as indeterminate, as RSPECT labels them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from pe_node.config import SeriesConfig
 from pe_node.findings import NotAnalysed, NotAnalysedReason
 from pe_node.pipeline.series import CTSeries
 
@@ -28,20 +30,28 @@ class SuitabilityRules:
     spacing_tolerance: float = 0.3
     min_contrast_hu: float = 100.0
 
+    @classmethod
+    def of(cls, series: SeriesConfig) -> SuitabilityRules:
+        """The rules as ``series`` in config.yaml sets them (``series.min_instances``, ``series.max_tilt_degrees``)."""
+        return cls(min_slices=series.min_instances, max_tilt_degrees=series.max_tilt_degrees)
+
 
 def check_suitability(series: CTSeries, rules: SuitabilityRules) -> NotAnalysed | None:
     """None when the model can read the series, else why not."""
-    for check in (_axial, _enough_slices, _regular_spacing, _contrast):
-        refusal = check(series, rules)
-        if refusal is not None:
-            return refusal
-    return None
+    positions = np.array([s.position for s in series.slices], dtype=np.float64)
+    return (axial_check(series.orientation, rules) or slice_count_check(len(series), rules)
+            or spacing_check(positions, rules) or _contrast(series, rules))
 
 
-def _axial(series: CTSeries, rules: SuitabilityRules) -> NotAnalysed | None:
-    row, column = np.asarray(series.orientation[:3]), np.asarray(series.orientation[3:])
+def tilt_degrees(orientation: Sequence[float]) -> float:
+    """The angle between the slice normal of ImageOrientationPatient and the body (head-feet) axis."""
+    row, column = np.asarray(orientation[:3], dtype=np.float64), np.asarray(orientation[3:], dtype=np.float64)
     normal = np.cross(row, column)
-    tilt = float(np.degrees(np.arccos(min(1.0, abs(normal[2]) / max(np.linalg.norm(normal), 1e-9)))))
+    return float(np.degrees(np.arccos(min(1.0, abs(normal[2]) / max(float(np.linalg.norm(normal)), 1e-9)))))
+
+
+def axial_check(orientation: Sequence[float], rules: SuitabilityRules) -> NotAnalysed | None:
+    tilt = tilt_degrees(orientation)
     if tilt > rules.max_tilt_degrees:
         return NotAnalysed(NotAnalysedReason.NOT_AXIAL,
                            f"not an axial series: slice normal {tilt:.0f} degrees from the body axis "
@@ -49,14 +59,14 @@ def _axial(series: CTSeries, rules: SuitabilityRules) -> NotAnalysed | None:
     return None
 
 
-def _enough_slices(series: CTSeries, rules: SuitabilityRules) -> NotAnalysed | None:
-    if len(series) < rules.min_slices:
-        return NotAnalysed(NotAnalysedReason.TOO_FEW_SLICES, f"too few slices: {len(series)} < {rules.min_slices}")
+def slice_count_check(count: int, rules: SuitabilityRules) -> NotAnalysed | None:
+    if count < rules.min_slices:
+        return NotAnalysed(NotAnalysedReason.TOO_FEW_SLICES, f"too few slices: {count} < {rules.min_slices}")
     return None
 
 
-def _regular_spacing(series: CTSeries, rules: SuitabilityRules) -> NotAnalysed | None:
-    positions = np.array([s.position for s in series.slices], dtype=np.float64)
+def spacing_check(positions: np.ndarray, rules: SuitabilityRules) -> NotAnalysed | None:
+    """Whether slices at ``positions`` (along the normal, in slice order) are regularly spaced."""
     gaps = np.abs(np.diff(positions))
     if gaps.size == 0:
         return None

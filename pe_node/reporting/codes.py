@@ -135,6 +135,8 @@ NOT_ANALYSED_CODES: dict[NotAnalysedReason, Code] = {
     NotAnalysedReason.INCONSISTENT_SPACING: Code("NA-SPACING", PRIVATE_SCHEME, "Inconsistent slice spacing"),
     NotAnalysedReason.UNREADABLE: Code("NA-UNREADABLE", PRIVATE_SCHEME, "Unreadable series"),
     NotAnalysedReason.IMAGE_TOO_LARGE: Code("NA-SIZE", PRIVATE_SCHEME, "Image too large"),
+    NotAnalysedReason.NOT_CT_IMAGES: Code("NA-KIND", PRIVATE_SCHEME, "Not axial CT images"),
+    NotAnalysedReason.TOO_THICK: Code("NA-THICK", PRIVATE_SCHEME, "Slices too thick"),
     NotAnalysedReason.NO_USABLE_SERIES: Code("NA-NOSERIES", PRIVATE_SCHEME, "No usable series in the study"),
 }
 """The coded reason a "not analysed" SR gives."""

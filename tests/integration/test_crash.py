@@ -95,7 +95,7 @@ def test_kill_9_mid_series_loses_nothing_acknowledged(start_node, series_200: li
     time.sleep(2)  # a second sweep must not queue the series again
     status = node.status()
     [series] = status["series"]
-    assert (series["state"], series["instances"]) == ("complete", 200)
+    assert (series["state"], series["instances"]) == ("deciding", 200)
     assert [(job["state"], job["instances"]) for job in status["jobs"]] == [("queued", 200)]
 
 

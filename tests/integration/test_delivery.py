@@ -19,6 +19,7 @@ from pe_node.db import (
     JobState,
     Series,
     SeriesState,
+    Study,
     utcnow,
 )
 from pe_node.delivery.outbox import Outbox, enqueue, resend_job
@@ -55,11 +56,12 @@ def config(tmp_path: Path, destinations: list[dict], **delivery: float) -> Confi
 
 def queue(db: Database, objects: list[Outgoing], names: list[str], now: dt.datetime) -> int:
     with db.session() as session:
-        series = Series(series_instance_uid="1.2.3", study_instance_uid="1.2", state=SeriesState.COMPLETE,
+        series = Series(series_instance_uid="1.2.3", study_instance_uid="1.2", state=SeriesState.ANALYSED,
                         first_received_at=now, last_received_at=now)
-        session.add(series)
+        study = Study(study_instance_uid="1.2", created_at=now)
+        session.add_all([series, study])
         session.flush()
-        job = Job(series_id=series.id, state=JobState.DONE, attempts=1, created_at=now)
+        job = Job(study_id=study.id, series_id=series.id, state=JobState.DONE, attempts=1, created_at=now)
         session.add(job)
         session.flush()
         enqueue(session, job.id, objects, names, now=now)

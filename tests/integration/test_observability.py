@@ -54,7 +54,7 @@ def test_metrics_count_every_stage_and_time_every_phase(analysed) -> None:
     assert status == 200
     assert metric(text, "pe_node_instances_received_total", outcome="stored") == len(series)
     assert metric(text, "pe_node_associations_total", result="accepted") >= 1
-    assert metric(text, "pe_node_series_completed_total", routing="complete") == 1
+    assert metric(text, "pe_node_series_completed_total", routing="deciding") == 1
     for phase in ("receive_to_complete", "queue_wait", "load", "inference", "report", "delivery"):
         assert metric(text, "pe_node_phase_seconds_count", phase=phase) >= 1, phase
     assert metric(text, "pe_node_jobs", state="done") == 1
@@ -79,7 +79,7 @@ def test_logs_are_json_and_never_name_the_patient(analysed) -> None:
     lines = [line for line in node.log().splitlines() if line.strip()]
     records = [json.loads(line) for line in lines]
     assert {"time", "level", "logger", "message"} <= set(records[0])
-    assert any("job 1 for series" in r["message"] for r in records)
+    assert any("job 1 for study" in r["message"] for r in records)
     log = node.log()
     assert str(header.PatientName) not in log and "Phantom" not in log
     assert f'"{header.PatientID}"' not in log and f" {header.PatientID} " not in log

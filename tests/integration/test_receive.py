@@ -57,9 +57,9 @@ def test_storescu_series_is_stored_as_sent_and_queued_once(start_node, tmp_path:
     assert result.returncode == 0, result.stderr
     status = wait_until(lambda: (s := node.status())["jobs"] and s, what="a queued job")
     [series] = status["series"]
-    assert (series["state"], series["instances"], series["modality"]) == ("complete", 40, "CT")
+    assert (series["state"], series["instances"], series["modality"]) == ("deciding", 40, "CT")
     [job] = status["jobs"]
-    assert (job["state"], job["attempts"], job["series_instance_uid"]) == ("queued", 0, series["series_instance_uid"])
+    assert (job["state"], job["attempts"], job["study_instance_uid"]) == ("queued", 0, series["study_instance_uid"])
     stored = stored_files(node.root)
     assert len(stored) == 40
     for path in sent:

@@ -193,7 +193,7 @@ def unsuitable_series(kind: str, folder: Path) -> list[Path]:
     [
         ("missing slices", "inconsistent_spacing", "missing slices?"),
         ("not axial", "not_axial", "not an axial series"),
-        ("mixed sizes", "unreadable", "32"),
+        ("mixed sizes", "no_usable_series", "32x32"),
         ("corrupt pixel data", "unreadable", ""),
     ],
 )

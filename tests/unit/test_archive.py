@@ -76,7 +76,7 @@ def test_resent_instance_with_new_content_replaces_the_file_and_reopens(archive:
     ds = ct(2)
     archive.store(request(ds))
     with db.session() as session:
-        session.scalars(select(Series)).one().state = SeriesState.IGNORED
+        session.scalars(select(Series)).one().state = SeriesState.ANALYSED
     ds.SeriesDescription = "corrected"
     assert archive.store(request(ds)).status == StoreStatus.SUCCESS
     assert pydicom.dcmread(archive.path_for(STUDY, SERIES, ds.SOPInstanceUID)).SeriesDescription == "corrected"

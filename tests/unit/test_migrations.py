@@ -42,12 +42,14 @@ def test_upgrade_from_the_first_schema_keeps_the_data(url: str) -> None:
 
     db = Database(url)  # what every pe-node process does at start: upgrade to the newest revision
     with db.engine.connect() as connection:
-        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
         row = connection.execute(text(
-            "SELECT s.series_instance_uid, s.purged_at, i.sop_instance_uid, j.result FROM series s "
-            "JOIN instances i ON i.series_id = s.id JOIN jobs j ON j.series_id = s.id")).one()
+            "SELECT s.series_instance_uid, s.purged_at, i.sop_instance_uid, j.result, s.state, st.study_instance_uid "
+            "FROM series s JOIN instances i ON i.series_id = s.id JOIN jobs j ON j.series_id = s.id "
+            "JOIN studies st ON st.id = j.study_id")).one()
     assert row[:3] == ("1.2.3", None, "1.2.3.4")
     assert "negative" in str(row[3])
+    assert row[4:] == ("analysed", "1.2")  # a series that had a job was analysed; the job belongs to its study
     db.dispose()
 
 

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from pe_node.config import WorkerConfig
-from pe_node.db import Database, Job, JobState, Series, SeriesState
+from pe_node.db import Database, Job, JobState, Study
 from pe_node.jobs.queue import JobQueue, LeaseLost, requeue_expired
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
@@ -19,11 +19,10 @@ def add_jobs(db: Database, count: int) -> list[int]:
     ids = []
     with db.session() as session:
         for k in range(count):
-            series = Series(series_instance_uid=f"1.{k}", study_instance_uid="1.9", state=SeriesState.COMPLETE,
-                            first_received_at=T0, last_received_at=T0)
-            session.add(series)
+            study = Study(study_instance_uid=f"1.9.{k}", created_at=T0)
+            session.add(study)
             session.flush()
-            job = Job(series_id=series.id, state=JobState.QUEUED, attempts=0, created_at=T0)
+            job = Job(study_id=study.id, state=JobState.QUEUED, attempts=0, created_at=T0)
             session.add(job)
             session.flush()
             ids.append(job.id)
@@ -40,7 +39,7 @@ def job(db: Database, job_id: int) -> Job:
 def test_claims_oldest_first_with_a_lease(db: Database) -> None:
     first, second = add_jobs(db, 2)
     claimed = JobQueue(db, CONFIG, "w1").claim(now=T0)
-    assert claimed is not None and claimed.id == first and claimed.series_instance_uid == "1.0"
+    assert claimed is not None and claimed.id == first and claimed.study_instance_uid == "1.9.0"
     row = job(db, first)
     assert (row.state, row.attempts, row.lease_owner) == (JobState.RUNNING, 1, "w1")
     assert row.lease_expires_at == T0 + dt.timedelta(seconds=60)

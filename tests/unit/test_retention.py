@@ -17,28 +17,31 @@ from pe_node.db import (
     JobState,
     Series,
     SeriesState,
+    Study,
 )
 from pe_node.jobs.retention import Retention
 
 NOW = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
 
 
-def add(db: Database, storage: Path, uid: str, *, age_days: float, state: SeriesState = SeriesState.COMPLETE,
+def add(db: Database, storage: Path, uid: str, *, age_days: float, state: SeriesState = SeriesState.ANALYSED,
         job: JobState | None = JobState.DONE, delivery: DeliveryState | None = DeliveryState.DONE) -> int:
     at = NOW - dt.timedelta(days=age_days)
-    folder = storage / "1.9" / uid
+    study_uid = f"9.{uid}"  # a study each: a busy study keeps all its series
+    folder = storage / study_uid / uid
     folder.mkdir(parents=True)
     with db.session() as session:
-        series = Series(series_instance_uid=uid, study_instance_uid="1.9", state=state, first_received_at=at,
+        series = Series(series_instance_uid=uid, study_instance_uid=study_uid, state=state, first_received_at=at,
                         last_received_at=at)
-        session.add(series)
+        study = Study(study_instance_uid=study_uid, created_at=at)
+        session.add_all([series, study])
         session.flush()
         for k in range(3):
             (folder / f"{uid}.{k}.dcm").write_bytes(b"x" * 100)
             session.add(Instance(sop_instance_uid=f"{uid}.{k}", series_id=series.id, sop_class_uid="1.2",
                                  transfer_syntax_uid="1.2.840.10008.1.2.1", size=100, received_at=at))
         if job is not None:
-            row = Job(series_id=series.id, state=job, attempts=1, created_at=at)
+            row = Job(study_id=study.id, series_id=series.id, state=job, attempts=1, created_at=at)
             session.add(row)
             session.flush()
             results = storage / "results" / f"job-{row.id}"
@@ -70,7 +73,7 @@ def test_settled_series_older_than_retention_are_deleted_with_their_results(db: 
     [done] = retention(db, tmp_path).run(now=NOW)
     assert (done.series, done.files) == (2, 3 + 1 + 3)
     assert purged(db) == {"1.1": True, "1.2": False, "1.3": True}
-    assert not (tmp_path / "1.9" / "1.1").exists() and (tmp_path / "1.9" / "1.2").exists()
+    assert not (tmp_path / "9.1.1" / "1.1").exists() and (tmp_path / "9.1.2" / "1.2").exists()
     assert not (tmp_path / "results" / "job-1").exists()
     with db.session() as session:
         assert session.scalar(select(func.count(Instance.id))) == 3
@@ -84,7 +87,7 @@ def test_busy_series_are_never_deleted(db: Database, tmp_path: Path) -> None:
     add(db, tmp_path, "2.4", age_days=40, state=SeriesState.RECEIVING, job=None)
     assert retention(db, tmp_path).run(now=NOW) == []
     assert not any(purged(db).values())
-    assert all((tmp_path / "1.9" / uid).is_dir() for uid in ("2.1", "2.2", "2.3", "2.4"))
+    assert all((tmp_path / f"9.{uid}" / uid).is_dir() for uid in ("2.1", "2.2", "2.3", "2.4"))
 
 
 def test_failed_deliveries_and_failed_jobs_count_as_settled(db: Database, tmp_path: Path) -> None:
