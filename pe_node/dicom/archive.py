@@ -2,8 +2,11 @@
 
 An instance is acknowledged only after its file is written to a temporary name, fsynced, renamed into place, the
 directory entry fsynced, and its row committed: once a sender sees success, a crash or power cut loses nothing.
-These are two steps (``_stage``: written and fsynced; ``_publish``: renamed, directory fsynced, row committed), so
-that instances arriving together can later share one directory fsync and one transaction. A large dataset reaches
+These are two steps: staged (written and fsynced, in the association's thread, so that the files of concurrent
+associations are written and synced in parallel) and published (renamed, directory fsynced, row committed). Publishing
+is a group commit (``GroupCommit``): instances that arrive while a publication is under way wait, and the next one
+publishes all of them with one fsync per directory and one transaction, so parallel associations do not queue behind
+each other's commits; each association is still answered only once its own instance is durable. A large dataset reaches
 the archive already spooled to a file in ``<storage>/.incoming`` (``incoming.py``); that file is checked through a
 memory map and renamed into place, never copied or read into memory.
 The bytes are the dataset exactly as it arrived (any transfer syntax, compressed or not) behind a Part 10 header,
@@ -110,6 +113,7 @@ class Archive:
         self._free_checked_at = 0.0
         self._free_bytes = 0
         self._free_lock = threading.Lock()
+        self._publisher = GroupCommit(self._publish_batch)
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         return storage.instance_path(self.root, study_uid, series_uid, sop_uid)
@@ -171,18 +175,35 @@ class Archive:
         return self._publish(staged, header, request, size=len(content) + dataset.size)
 
     def _publish(self, staged: storage.Staged, header: InstanceHeader, request: Received, size: int) -> StoreOutcome:
-        """Rename the staged file into place, fsync its directory, and commit its row: then it may be acknowledged."""
-        try:
-            storage.publish([staged])
-        except OSError as exc:
-            staged.discard()
-            log.error("cannot rename %s into place: %s", staged.target, exc)
-            return StoreOutcome(StoreStatus.OUT_OF_RESOURCES, f"cannot write the instance: {exc.strerror}", header)
-        moved_from = self._record(header, request, size=size)
-        if moved_from is not None:
+        """Rename the staged file into place, fsync its directory and commit its row, together with whatever other
+        associations stage meanwhile: then it may be acknowledged."""
+        pending = _Pending(staged, header, request, size)
+        self._publisher.publish(pending)
+        assert pending.outcome is not None
+        return pending.outcome
+
+    def _publish_batch(self, batch: list[_Pending]) -> None:
+        """Publish staged instances: every rename, one fsync per directory, one transaction for all their rows."""
+        renamed = []
+        for pending in batch:
+            try:
+                os.replace(pending.staged.temporary, pending.staged.target)
+                renamed.append(pending)
+            except OSError as exc:
+                pending.staged.discard()
+                log.error("cannot rename %s into place: %s", pending.staged.target, exc)
+                pending.outcome = StoreOutcome(StoreStatus.OUT_OF_RESOURCES,
+                                               f"cannot write the instance: {exc.strerror}", pending.header)
+        for directory in dict.fromkeys(p.staged.target.parent for p in renamed):
+            storage.fsync_directory(directory)
+        if not renamed:
+            return
+        moved = self._record(renamed)
+        for pending in renamed:
+            pending.outcome = StoreOutcome(StoreStatus.SUCCESS, None, pending.header)
+        for (study, series), sop in moved:
             # The same SOP Instance UID arrived before under another study or series: keep only the new copy.
-            self.path_for(*moved_from, header.sop_instance_uid).unlink(missing_ok=True)
-        return StoreOutcome(StoreStatus.SUCCESS, None, header)
+            self.path_for(study, series, sop).unlink(missing_ok=True)
 
     def _is_recorded(self, header: InstanceHeader, request: Received) -> bool:
         """Whether the row of this exact instance (same series, same transfer syntax) is committed."""
@@ -199,41 +220,104 @@ class Archive:
             and row.transfer_syntax_uid == request.transfer_syntax_uid
         )
 
-    def _record(self, header: InstanceHeader, request: Received, size: int) -> tuple[str, str] | None:
-        """Upsert the series and the instance in one transaction, re-opening the series.
+    def _record(self, batch: list[_Pending]) -> list[tuple[tuple[str, str], str]]:
+        """Upsert the series and the instance of each pending instance in one transaction, re-opening the series.
 
-        Returns the (study, series) the instance was filed under before, when that differs from now. Plain SQL
-        that SQLite and PostgreSQL both speak: this runs once per C-STORE, and building the equivalent ORM or
-        Core statements costs more than the commit itself. A new instance (the usual case) takes two statements.
+        Returns, for each instance that was filed under another (study, series) before, that pair and its SOP
+        Instance UID. Plain SQL that SQLite and PostgreSQL both speak: building the equivalent ORM or Core statements
+        costs more than the commit itself. A new instance (the usual case) takes two statements.
         """
-        params = dict(
-            series_uid=header.series_instance_uid,
-            study_uid=header.study_instance_uid,
-            modality=header.modality,
-            description=header.series_description,
-            sop_uid=header.sop_instance_uid,
-            sop_class_uid=header.sop_class_uid,
-            transfer_syntax_uid=request.transfer_syntax_uid,
-            instance_number=header.instance_number,
-            image_type=header.image_type,
-            size=size,
-            now=self.clock(),
-            association_id=request.association_id,
-        )
+        now = self.clock()
+        moved = []
         with self.db.engine.begin() as connection:
-            params["series_id"] = connection.execute(_UPSERT_SERIES, params).scalar_one()
-            if connection.execute(_INSERT_INSTANCE, params).first() is not None:
-                return None
-            before = connection.execute(_PREVIOUS_SERIES, params).one()
-            connection.execute(_UPDATE_INSTANCE, params)
-            if before.id == params["series_id"]:
-                return None
-            return before.study_instance_uid, before.series_instance_uid
+            for pending in batch:
+                params = _row(pending, now)
+                params["series_id"] = connection.execute(_UPSERT_SERIES, params).scalar_one()
+                if connection.execute(_INSERT_INSTANCE, params).first() is not None:
+                    continue
+                before = connection.execute(_PREVIOUS_SERIES, params).one()
+                connection.execute(_UPDATE_INSTANCE, params)
+                if before.id != params["series_id"]:
+                    filed = (before.study_instance_uid, before.series_instance_uid)
+                    moved.append((filed, pending.header.sop_instance_uid))
+        return moved
 
     def remove_stale_temporaries(self, older_than_seconds: float = _STALE_TMP_SECONDS) -> int:
         """Delete temporary files left by a crash mid-write (never acknowledged, so nothing is lost)."""
         return (storage.remove_stale_temporaries(self.root, "*/*", older_than_seconds)
                 + storage.remove_stale_temporaries(self.root, SPOOL, older_than_seconds))
+
+
+@dataclass
+class _Pending:
+    """An instance staged by its association, waiting to be published; ``outcome`` is set once it is."""
+
+    staged: storage.Staged
+    header: InstanceHeader
+    request: Received
+    size: int
+    outcome: StoreOutcome | None = None
+    settled: bool = False  # its batch was committed (or failed with ``failure``)
+    failure: BaseException | None = None
+
+
+def _row(pending: _Pending, now: dt.datetime) -> dict[str, object]:
+    header, request = pending.header, pending.request
+    return dict(
+        series_uid=header.series_instance_uid,
+        study_uid=header.study_instance_uid,
+        modality=header.modality,
+        description=header.series_description,
+        sop_uid=header.sop_instance_uid,
+        sop_class_uid=header.sop_class_uid,
+        transfer_syntax_uid=request.transfer_syntax_uid,
+        instance_number=header.instance_number,
+        image_type=header.image_type,
+        size=pending.size,
+        now=now,
+        association_id=request.association_id,
+    )
+
+
+class GroupCommit:
+    """Leader/follower group commit: ``publish`` returns once ``commit`` has run on a batch holding its item.
+
+    A caller that finds no commit under way becomes the leader and commits every item queued so far, its own among
+    them; callers arriving meanwhile queue up and wait, and when the leader is done the first of them that still
+    waits leads the next batch. One caller alone waits for nobody (its batch is itself); many share a commit. An
+    exception from ``commit`` reaches every caller of that batch.
+    """
+
+    def __init__(self, commit: Callable[[list[_Pending]], None]) -> None:
+        self._commit = commit
+        self._lock = threading.Condition()
+        self._queue: list[_Pending] = []
+        self._leading = False
+
+    def publish(self, item: _Pending) -> None:
+        with self._lock:
+            self._queue.append(item)
+            while self._leading and not item.settled:
+                self._lock.wait()
+            if not item.settled:
+                self._leading = True
+                batch, self._queue = self._queue, []
+        if item.settled:
+            if item.failure is not None:
+                raise item.failure
+            return
+        failure: BaseException | None = None
+        try:
+            self._commit(batch)
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            with self._lock:
+                for member in batch:
+                    member.settled, member.failure = True, failure
+                self._leading = False
+                self._lock.notify_all()
 
 
 def _incoming(dataset: bytes | IncomingDataset) -> IncomingDataset:

@@ -18,8 +18,10 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from pydicom.uid import UID, ImplicitVRLittleEndian
@@ -137,6 +139,32 @@ class AcceptorSettings:
     max_dataset_bytes: int
     max_command_bytes: int = 4096
     min_rate_bytes: float = 32 * 1024
+    negotiated: Negotiated = field(default_factory=lambda: Negotiated())
+
+
+class Negotiated:
+    """The answers already given to proposals, by proposal: a sender proposes the same contexts on every
+    association (DCMTK storescu about 120), and negotiating them again with pynetdicom costs tens of milliseconds of
+    CPU each time, where parallel associations contend for the cores that receive the data. Bounded (LRU)."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._answers: OrderedDict[Hashable, tuple[bytes, dict[int, PresentationContext]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> tuple[bytes, dict[int, PresentationContext]] | None:
+        with self._lock:
+            answer = self._answers.get(key)
+            if answer is not None:
+                self._answers.move_to_end(key)
+            return answer
+
+    def put(self, key: Hashable, answer: tuple[bytes, dict[int, PresentationContext]]) -> None:
+        with self._lock:
+            self._answers[key] = answer
+            self._answers.move_to_end(key)
+            while len(self._answers) > self._size:
+                self._answers.popitem(last=False)
 
 
 class _Discard:
@@ -248,14 +276,26 @@ class IncomingAssociation:
         return None
 
     def _accept(self, request: AssociateRequest) -> bytes:
-        """The A-ASSOCIATE-AC: every proposed context with its result, in the order proposed."""
+        """The A-ASSOCIATE-AC: every proposed context with its result, in the order proposed (an identical proposal
+        gets the answer it got before)."""
+        key = (request.contexts, tuple(sorted(request.roles.items())))
+        answer = self.settings.negotiated.get(key)
+        if answer is None:
+            answer = self._negotiate_contexts(request)
+            self.settings.negotiated.put(key, answer)
+        encoded, self._contexts = answer
+        # The AE title fields go back exactly as they came (PS3.8 9.3.3: "not tested"), whatever their bytes.
+        return encoded[:10] + request.titles + encoded[42:]
+
+    def _negotiate_contexts(self, request: AssociateRequest) -> tuple[bytes, dict[int, PresentationContext]]:
+        """The A-ASSOCIATE-AC (with placeholder AE titles) and the accepted contexts by ID, from pynetdicom."""
         proposed = [_pynetdicom_context(cx) for cx in request.contexts if cx.abstract_syntax and cx.transfer_syntaxes]
         roles: dict[UID, tuple[bool | None, bool | None]] = {UID(uid): role for uid, role in request.roles.items()}
         results, role_replies = negotiate_as_acceptor(proposed, list(self.settings.contexts), roles)
         _prefer_requestor_order(results, request.contexts, self.settings.contexts)
         by_id = {cx.context_id: cx for cx in results}
         answered = [by_id.get(cx.context_id) or _refused_context(cx) for cx in request.contexts]
-        self._contexts = {cx.context_id: cx for cx in answered if cx.result == 0x00 and cx.context_id is not None}
+        accepted = {cx.context_id: cx for cx in answered if cx.result == 0x00 and cx.context_id is not None}
         accept = A_ASSOCIATE()
         accept.application_context_name = UID(APPLICATION_CONTEXT)
         accept.calling_ae_title = accept.called_ae_title = _PLACEHOLDER_AE
@@ -271,9 +311,7 @@ class IncomingAssociation:
         accept.user_information = [max_length, class_uid, version, *role_replies]
         ac = ul_pdu.A_ASSOCIATE_AC()
         ac.from_primitive(accept)
-        encoded = ac.encode()
-        # The AE title fields go back exactly as they came (PS3.8 9.3.3: "not tested"), whatever their bytes.
-        return encoded[:10] + request.titles + encoded[42:]
+        return ac.encode(), accepted
 
     def _serve(self) -> None:
         """Read PDUs until release: assemble each command, stream its dataset, answer each message."""

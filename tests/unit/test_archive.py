@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from pe_node.config import StorageConfig
 from pe_node.db import Database, Instance, Series, SeriesState
-from pe_node.dicom.archive import Archive, Received, StoreStatus
+from pe_node.dicom.archive import Archive, GroupCommit, Received, StoreStatus, _Pending
 from pe_node.dicom.incoming import IncomingDataset
 from pe_node.dicom.part10 import file_header
 from tests.dicom_factory import make_ct_dataset, phantom_slice
@@ -212,3 +212,77 @@ def test_stale_spool_files_are_removed(archive: Archive) -> None:
     stale.write_bytes(b"half a dataset")
     os.utime(stale, (0, 0))
     assert archive.remove_stale_temporaries() == 1 and not stale.exists()
+
+
+def test_group_commit_publishes_concurrent_items_together_and_each_caller_only_once_its_own_is(db: Database) -> None:
+    committed: list[list[int]] = []
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def commit(batch: list) -> None:
+        if not committed:
+            release.wait(5)  # the first batch is slow: the other callers queue up meanwhile
+        with lock:
+            committed.append([item.size for item in batch])
+        for item in batch:
+            item.outcome = f"done {item.size}"
+
+    group = GroupCommit(commit)
+    items = [_Pending(None, None, None, size) for size in range(8)]  # type: ignore[arg-type]
+    returned: dict[int, object] = {}
+
+    def publish(item) -> None:
+        group.publish(item)
+        returned[item.size] = item.outcome
+
+    first = threading.Thread(target=publish, args=(items[0],))
+    first.start()
+    while not group._leading:
+        pass
+    others = [threading.Thread(target=publish, args=(item,)) for item in items[1:]]
+    for thread in others:
+        thread.start()
+    while len(group._queue) < 7:
+        pass
+    release.set()
+    for thread in [first, *others]:
+        thread.join(5)
+    assert committed == [[0], [1, 2, 3, 4, 5, 6, 7]], "the seven that waited share one commit"
+    assert returned == {size: f"done {size}" for size in range(8)}, "each caller saw its own item committed"
+
+
+def test_group_commit_failure_reaches_every_caller_of_the_batch() -> None:
+    def commit(batch: list) -> None:
+        raise OSError("disk gone")
+
+    group = GroupCommit(commit)
+    with pytest.raises(OSError, match="disk gone"):
+        group.publish(_Pending(None, None, None, 1))  # type: ignore[arg-type]
+    follower = _Pending(None, None, None, 2)  # type: ignore[arg-type]
+    follower.settled, follower.failure = True, OSError("disk gone")
+    with pytest.raises(OSError, match="disk gone"):
+        group.publish(follower)
+
+
+def test_parallel_associations_share_directory_fsyncs_and_commits(archive: Archive, db: Database,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    batches: list[int] = []
+    publish = archive._publish_batch
+
+    def counted(batch: list) -> None:
+        batches.append(len(batch))
+        publish(batch)
+
+    monkeypatch.setattr(archive._publisher, "_commit", counted)
+    datasets = [make_ct_dataset(phantom_slice(k, 64, 64), position=(0, 0, k), study_uid=STUDY, series_uid=SERIES)
+                for k in range(64)]
+    threads = [threading.Thread(target=lambda part=part: [archive.store(request(ds)) for ds in part])
+               for part in (datasets[k::8] for k in range(8))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with db.session() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 64
+    assert sum(batches) == 64 and all(archive.path_for(STUDY, SERIES, ds.SOPInstanceUID).exists() for ds in datasets)
+    assert len(batches) < 64, "some instances shared a commit"

@@ -21,7 +21,7 @@ from pe_node.dicom.scp import Gate, Receiver
 from pe_node.metrics import Metrics
 from pe_node.web import WebServer
 from tests.peers import free_port
-from tests.raw_peer import RawPeer, echo_rq, p_data, pdv
+from tests.raw_peer import RawPeer, associate_rq, echo_rq, p_data, pdv
 
 
 @pytest.fixture
@@ -118,3 +118,28 @@ def test_the_gate_caps_connections_still_negotiating() -> None:
     assert "node.max_pending_connections" in (gate.arrive("10.0.0.3") or "")
     gate.settle("10.0.0.1")
     assert gate.arrive("10.0.0.3") is None
+
+
+def test_the_same_proposal_is_negotiated_once_and_answered_alike(receiver: Receiver,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from pe_node.dicom import association
+
+    calls = []
+    negotiate = association.negotiate_as_acceptor
+
+    def counted(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return negotiate(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(association, "negotiate_as_acceptor", counted)
+    answers = []
+    for calling in (b"FIRST", b"SECOND"):
+        with RawPeer(receiver.port) as peer:
+            peer.send(associate_rq(calling=calling))
+            answers.append(peer.read_pdu())
+            peer.send(p_data(pdv(1, 0x03, echo_rq())))
+            assert peer.read_pdu().status() == 0x0000, "the remembered answer's contexts are used"
+            peer.release()
+    assert len(calls) == 1
+    assert answers[0].context_results() == answers[1].context_results()
+    assert b"SECOND" in answers[1].body[:40] and b"FIRST" not in answers[1].body, "each gets its own AE titles back"
