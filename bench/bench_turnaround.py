@@ -49,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pe-node-bench-turnaround-"))
     try:
-        checkpoint = random_checkpoint(work, args.random_size) if args.random_size else args.checkpoint
+        checkpoint = random_checkpoint(work, args.random_size) if args.random_size else args.checkpoint.resolve()
         run(work, checkpoint, args.slices, args.quiet_seconds, args.skip_orthanc)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -159,9 +159,12 @@ def phase_times(job: dict, last_response: dt.datetime) -> dict[str, float]:
     return {
         "quiet period + sweep": (created - _utc(job["last_received_at"])).total_seconds(),
         "queue wait": (started - created).total_seconds(),
+        "decide (headers, rules)": timings.get("decide", 0.0),
         "load (read + HU)": timings["load"],
         "inference": timings["inference"],
-        "report (SR, captures)": timings["report"],
+        **{f"  {name.removeprefix('inference_')}": seconds for name, seconds in timings.items()
+           if name.startswith("inference_")},
+        "report (SR, captures, GSPS)": timings["report"],
         "delivery (C-STORE)": (delivered - finished).total_seconds(),
         "last response -> delivered": (delivered - last_response).total_seconds(),
     }
