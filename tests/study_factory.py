@@ -185,7 +185,7 @@ def write_enhanced(path: Path, volume: np.ndarray, *, study_uid: str, series_uid
     rows = volume.shape[1]
     origin = np.array([-PIXEL * rows / 2, -PIXEL * rows / 2, -150.0])
     intercept = -1024.0
-    stored = np.stack([volume[k] for k in order]).astype(np.int32) - int(intercept)
+    stored = (np.stack([volume[k] for k in order]).astype(np.int32) - int(intercept)).astype(np.int16)
     sop_uid = generate_uid()
     ds = _header(EnhancedCTImageStorage, sop_uid, study_uid, series_uid, "CT", series_number, "CTA PE enhanced")
     ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
@@ -200,7 +200,7 @@ def write_enhanced(path: Path, volume: np.ndarray, *, study_uid: str, series_uid
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows = ds.Columns = rows
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1  # signed: -2048 padding
     ds.NumberOfFrames = frames
     ds.PresentationLUTShape = "IDENTITY"
     ds.LossyImageCompression = "00"
@@ -248,7 +248,7 @@ def write_enhanced(path: Path, volume: np.ndarray, *, study_uid: str, series_uid
     ds.DimensionOrganizationType = "3D"
     ds.DimensionIndexSequence = [_dimension(dimension, 0x00209056, 0x00209111), _dimension(dimension, 0x00209057,
                                                                                              0x00209111)]
-    ds.PixelData = stored.astype(np.uint16).tobytes()
+    ds.PixelData = stored.tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path

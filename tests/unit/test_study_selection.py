@@ -197,3 +197,11 @@ def test_a_huge_matrix_is_refused_before_any_pixel_is_allocated(tmp_path: Path) 
     small.slices = [s for s in small.slices]
     with pytest.raises(ImageTooLarge, match="megavoxels"):
         load_stack(small, many.model_copy(update={"max_matrix": 65535}))
+
+
+def test_enhanced_ct_keeps_padding_below_the_rescale_intercept(tmp_path: Path, volume: np.ndarray) -> None:
+    padded = volume.copy()
+    padded[:, :3, :3] = -2048  # scanners pad outside the reconstructed circle with -2048 HU or less
+    path = write_enhanced(tmp_path / "padded.dcm", padded, study_uid="1.2.3", series_uid="1.2.3.10")
+    [stack] = stacks([path])
+    assert np.array_equal(load_stack(stack, LIMITS).hu, padded)
