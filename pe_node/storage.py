@@ -164,13 +164,30 @@ class SpoolFile:
 
 
 def publish(staged: Sequence[Staged]) -> None:
-    """Rename each staged file over its target, then fsync each directory involved once."""
+    """Rename each staged file over its target, then fsync each directory involved once; raise the first error."""
+    for error in publish_each(staged):
+        if error is not None:
+            raise error
+
+
+def publish_each(staged: Sequence[Staged]) -> list[OSError | None]:
+    """Rename each staged file over its target, then fsync each directory a file was renamed into, once. Returns,
+    per file, None when it is in place and durable, or the error its rename met (its temporary is then removed).
+    An error fsyncing a directory is raised: none of its files can be called durable."""
+    errors: list[OSError | None] = []
     directories: dict[Path, None] = {}
     for item in staged:
-        os.replace(item.temporary, item.target)
+        try:
+            os.replace(item.temporary, item.target)
+        except OSError as error:
+            item.discard()
+            errors.append(error)
+            continue
+        errors.append(None)
         directories[item.target.parent] = None
     for directory in directories:
         fsync_directory(directory)
+    return errors
 
 
 def atomic_write(path: Path | str, content: Content, *, mode: int = 0o666) -> Path:

@@ -185,17 +185,13 @@ class Archive:
     def _publish_batch(self, batch: list[_Pending]) -> None:
         """Publish staged instances: every rename, one fsync per directory, one transaction for all their rows."""
         renamed = []
-        for pending in batch:
-            try:
-                os.replace(pending.staged.temporary, pending.staged.target)
+        for pending, error in zip(batch, storage.publish_each([p.staged for p in batch]), strict=True):
+            if error is None:
                 renamed.append(pending)
-            except OSError as exc:
-                pending.staged.discard()
-                log.error("cannot rename %s into place: %s", pending.staged.target, exc)
-                pending.outcome = StoreOutcome(StoreStatus.OUT_OF_RESOURCES,
-                                               f"cannot write the instance: {exc.strerror}", pending.header)
-        for directory in dict.fromkeys(p.staged.target.parent for p in renamed):
-            storage.fsync_directory(directory)
+                continue
+            log.error("cannot rename %s into place: %s", pending.staged.target, error)
+            pending.outcome = StoreOutcome(StoreStatus.OUT_OF_RESOURCES,
+                                           f"cannot write the instance: {error.strerror}", pending.header)
         if not renamed:
             return
         moved = self._record(renamed)
