@@ -137,16 +137,17 @@ def _queue(session: Session, study_uid: str, routed: Iterable[Series], now: dt.d
         session.add(study)
         session.flush()
     names = ", ".join(s.series_instance_uid for s in routed)
-    waiting = session.scalars(
-        select(Job).where(Job.study_id == study.id, Job.state == JobState.QUEUED).limit(1)
-    ).first()
-    if waiting is not None:
-        log.info("study %s: series %s quiet; job %d is still queued and will weigh them", study_uid, names, waiting.id)
-        return None
     count = session.scalar(
         select(func.count(Instance.id)).join(Series, Series.id == Instance.series_id)
         .where(Series.study_instance_uid == study_uid, Series.purged_at.is_(None))
     ) or 0
+    waiting = session.scalars(
+        select(Job).where(Job.study_id == study.id, Job.state == JobState.QUEUED).limit(1)
+    ).first()
+    if waiting is not None:
+        waiting.instances = int(count)
+        log.info("study %s: series %s quiet; job %d is still queued and will weigh them", study_uid, names, waiting.id)
+        return None
     job = Job(study_id=study.id, state=JobState.QUEUED, attempts=0, instances=int(count), created_at=now)
     session.add(job)
     session.flush()
