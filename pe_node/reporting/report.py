@@ -3,7 +3,8 @@
 All objects go into the source study (patient and study attributes copied from the series header), each kind in
 its own new series: the SR at ``series_number_base``, the captures at ``+1``, the key object selection at ``+2``,
 the presentation state at ``+3``. The SR, the captures and the presentation state all show the same located
-findings (``pe_node.located``), found once here.
+findings (``pe_node.located``), found once here; the SR of a negative or indeterminate exam shows its most
+suspicious slice instead, which no other object calls a finding.
 
 UIDs are derived, not random: every UID of a report is a hash of what the report is made from (the source series
 and its slices, the outcome, the algorithm, the options and the reports it supersedes). A job that crashes after
@@ -25,7 +26,7 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 
 from pe_node.findings import EXAM_LABELS, THRESHOLD, ExamResult, NotAnalysed, Prediction, exam_result
-from pe_node.located import Finding, locate_findings
+from pe_node.located import Finding, locate_findings, locate_most_suspicious, rank_slices
 from pe_node.pipeline.series import CTSeries
 from pe_node.reporting.algorithm import AlgorithmInfo
 from pe_node.reporting.capture import secondary_capture
@@ -91,6 +92,7 @@ def build_report(
     uid = _uid_source(series, outcome, algorithm, options, previous)
     header = study_header(series)
     findings = locate_findings(outcome, series) if isinstance(outcome, Prediction) else []
+    suspicious = locate_most_suspicious(outcome, series) if isinstance(outcome, Prediction) else None
 
     def tracking_uid(key: str) -> str:
         return generate_uid(entropy_srcs=[_joined(series.series_instance_uid, "tracking", key)])
@@ -106,6 +108,7 @@ def build_report(
         series_number=series_number_base,
         sop_instance_uid=uid("sr"),
         previous=previous,
+        suspicious=suspicious,
     )
     if isinstance(outcome, NotAnalysed):
         return _logged(series, f"NOT_ANALYSED ({outcome.reason.name})", ReportObjects(sr=sr), started)
@@ -158,17 +161,13 @@ def key_slices(prediction: Prediction, result: ExamResult, options: ReportOption
     A positive exam shows only slices with image probability above 0.5; a negative or indeterminate exam shows none
     unless ``captures_for_negative``, and then its most suspicious slices.
     """
-    image = np.asarray(prediction.image, dtype=np.float64)
-    attention = np.asarray(prediction.attention, dtype=np.float64)
     if result is ExamResult.POSITIVE:
-        candidates = np.flatnonzero(image > THRESHOLD)
+        candidates = np.flatnonzero(np.asarray(prediction.image, dtype=np.float64) > THRESHOLD)
     elif options.captures_for_negative:
-        candidates = np.arange(len(image))
+        candidates = None
     else:
         return []
-    score = attention[candidates] * image[candidates]
-    order = np.argsort(-score, kind="stable")
-    return [int(candidates[i]) for i in order[: options.max_images]]
+    return rank_slices(prediction.image, prediction.attention, candidates)[: options.max_images]
 
 
 def _logged(
