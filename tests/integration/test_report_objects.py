@@ -409,7 +409,7 @@ def test_suspicious_slice_without_a_map_is_a_probe_point(series: CTSeries) -> No
     objects = build_report(series, prediction, algorithm=ALGORITHM, options=ReportOptions(secondary_capture=False))
     (name,) = groups(hd.sr.Comprehensive3DSR.from_dataset(objects.sr))
     assert name == f"{TOOL_TAG}:Probe:{SUSPICIOUS_NAME}"
-    assert objects.presentation_state is None, "no presentation state draws it"
+    assert objects.presentation_states == (), "no presentation state draws it"
 
 
 def test_not_analysed_is_told_apart_from_negative_by_its_codes(read_sr: ReadSR) -> None:
@@ -546,7 +546,7 @@ def test_algorithm_identification_matches_contributing_equipment(read_sr: ReadSR
 def test_not_analysed_report_is_the_sr_alone(reports: dict[str, ReportObjects]) -> None:
     objects = reports["not_analysed"]
     assert objects.secondary_captures == () and objects.key_object_selection is None
-    assert objects.presentation_state is None
+    assert objects.presentation_states == ()
     assert objects.all() == [objects.sr]
     assert containers(objects.sr, codes.codes.DCM.ImagingMeasurements) == [], "no slice was read, no region to give"
 
@@ -616,8 +616,8 @@ def test_negative_report_has_captures_only_when_configured(series: CTSeries) -> 
 def test_presentation_state_draws_each_finding_on_its_peak_slice(reports: dict[str, ReportObjects],
                                                                  series: CTSeries) -> None:
     objects = reports["positive"]
-    state = objects.presentation_state
-    assert state is not None and state.SOPClassUID == GrayscaleSoftcopyPresentationStateStorage
+    (state,) = objects.presentation_states
+    assert state.SOPClassUID == GrayscaleSoftcopyPresentationStateStorage
     assert state.StudyInstanceUID == series.study_instance_uid and state.PatientID == "PE0001"
     assert state.SeriesInstanceUID not in {series.series_instance_uid, objects.sr.SeriesInstanceUID}
     (referenced,) = state.ReferencedSeriesSequence
@@ -638,11 +638,30 @@ def test_presentation_state_draws_each_finding_on_its_peak_slice(reports: dict[s
     assert objects.all() == [*objects.secondary_captures, state, objects.sr, objects.key_object_selection]
 
 
+def test_presentation_state_overlay_outlines_the_ellipse_on_the_findings_layer(
+        reports: dict[str, ReportObjects]) -> None:
+    """The overlay plane (6000) of the state, for renderers that draw overlays but not graphic objects: the whole
+    slice, 1 bit, set on the ellipse's outline only, shown on the layer of the graphic annotation."""
+    (state,) = reports["positive"].presentation_states
+    assert (state[0x60000010].value, state[0x60000011].value) == (SIZE, SIZE)
+    assert (state[0x60000040].value, list(state[0x60000050].value)) == ("G", [1, 1])
+    assert (state[0x60000100].value, state[0x60000102].value) == (1, 0)
+    assert state[0x60001001].value == state.GraphicLayerSequence[0].GraphicLayer == "PE_FINDINGS"
+    bits = np.unpackbits(np.frombuffer(state[0x60003000].value, dtype=np.uint8), bitorder="little")
+    ring = bits[: SIZE * SIZE].reshape(SIZE, SIZE).astype(bool)
+    points = np.reshape(state.GraphicAnnotationSequence[0].GraphicObjectSequence[0].GraphicData, (4, 2))
+    (column, row), (half_width, half_height) = points.mean(axis=0), (points.max(axis=0) - points.min(axis=0)) / 2
+    rows, columns = np.mgrid[:SIZE, :SIZE] + 0.5
+    radius = np.hypot((columns - column) / half_width, (rows - row) / half_height)
+    assert ring.any() and (radius[ring] <= 1).all() and (radius[ring] > 0.5).all(), "on the outline"
+    assert ring[int(row), int(column - half_width + 1)] and not ring[int(row), int(column)], "not filled"
+
+
 def test_presentation_state_is_optional_and_needs_a_finding(series: CTSeries) -> None:
     positive = predict(series, "positive")
     off = ReportOptions(secondary_capture=False, presentation_state=False)
-    assert build_report(series, positive, algorithm=ALGORITHM, options=off).presentation_state is None
-    assert build_report(series, predict(series, "negative"), algorithm=ALGORITHM).presentation_state is None
+    assert build_report(series, positive, algorithm=ALGORITHM, options=off).presentation_states == ()
+    assert build_report(series, predict(series, "negative"), algorithm=ALGORITHM).presentation_states == ()
 
 
 # ---------------------------------------------------------------- key object selection
@@ -683,7 +702,7 @@ def test_negative_report_has_no_key_object_selection(reports: dict[str, ReportOb
 def test_every_reference_to_a_frame_names_the_frame(folder: Path) -> None:
     series = multiframe_series()
     objects = build_report(series, predict(series, "positive"), algorithm=ALGORITHM, options=ALL_OBJECTS)
-    assert objects.presentation_state is not None and objects.key_object_selection is not None
+    assert objects.presentation_states and objects.key_object_selection is not None
     enhanced = series.slices[0].sop_instance_uid
     for dataset in objects.all():
         found = [item for item in references(dataset) if item.ReferencedSOPInstanceUID == enhanced]
@@ -700,8 +719,9 @@ def test_every_reference_to_a_frame_names_the_frame(folder: Path) -> None:
     assert group.tracking_identifier.endswith("PE finding 1")
     (comment,) = [i.TextValue for i in children(group[0]) if is_concept(i, codes.COMMENT)]
     assert comment == "PE, central, frames 11-16, p 0.97"
-    assert objects.presentation_state.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedFrameNumber \
-        == PEAK + 1
+    (state,) = objects.presentation_states
+    assert state.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedFrameNumber == PEAK + 1
+    assert state.GraphicAnnotationSequence[0].ReferencedImageSequence[0].ReferencedFrameNumber == PEAK + 1
     key_frames = {sc.SourceImageSequence[0].ReferencedFrameNumber for sc in objects.secondary_captures}
     assert key_frames <= {i + 1 for i in POSITIVE}
     negative = build_report(series, predict(series, "negative"), algorithm=ALGORITHM).sr
@@ -809,7 +829,7 @@ def test_report_on_a_series_loaded_from_files_is_valid(ct_series_dir: Path, fold
     )
     objects = build_report(loaded, prediction, algorithm=ALGORITHM, options=ALL_OBJECTS)
     assert len(objects.secondary_captures) == 4 and objects.key_object_selection is not None
-    assert objects.presentation_state is not None
+    assert len(objects.presentation_states) == 1
     for dataset in objects.all():
         path = write(dataset, folder)
         messages = dciodvfy(path)
