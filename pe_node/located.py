@@ -25,6 +25,11 @@ first on a tie) and that probability, a region on the peak slice and a side:
   largest connected area above ``BODY_HU``). Within ``CENTRAL_MM`` of the midline is central, where the pulmonary
   trunk and the origins of both pulmonary arteries lie; beyond it left or right. The names are those of the
   RSNA-STR exam labels (central, left, right); nothing finer (a lobe) is claimed.
+
+A negative or indeterminate exam has no finding, but the model still looked hardest somewhere: its most suspicious
+slice (:func:`rank_slices`: highest image probability times attention, the first of equals; the first key slice and
+the first slice the predictor maps) with a region found as a finding's is, and a label that says no PE was found
+(:func:`describe_suspicious`). It is what OHIF shows of such an exam; it is not a finding and has no side.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from pe_node.findings import THRESHOLD, Prediction
+from pe_node.findings import THRESHOLD, ExamResult, Prediction
 from pe_node.pipeline.series import CTSeries
 
 MAX_GAP = 1
@@ -100,6 +105,25 @@ class Finding:
         return self.first <= index <= self.last
 
 
+@dataclass(frozen=True)
+class SuspiciousSlice:
+    """The slice of a negative or indeterminate exam that the model found most suspicious, its image probability (at
+    most ``THRESHOLD``) and a region on it; see the module docstring."""
+
+    index: int
+    probability: float
+    region: Region
+
+
+def rank_slices(image: np.ndarray, attention: np.ndarray, candidates: np.ndarray | None = None) -> list[int]:
+    """Slices (of ``candidates``, ascending; default all) best first by image probability times attention, the
+    earlier of equals first: the slices that both the image head and the study attention point at."""
+    score = np.asarray(image, dtype=np.float64) * np.asarray(attention, dtype=np.float64)
+    indices = np.arange(len(score)) if candidates is None else np.asarray(candidates, dtype=np.int64)
+    order = np.argsort(-score[indices], kind="stable")
+    return [int(indices[i]) for i in order]
+
+
 def finding_extents(image: np.ndarray) -> list[tuple[int, int]]:
     """(first, last) slice of each finding in slice order: runs above the threshold, short gaps and surplus joined."""
     positive = np.flatnonzero(np.asarray(image, dtype=np.float64) > THRESHOLD)
@@ -132,6 +156,16 @@ def locate_findings(prediction: Prediction, series: CTSeries) -> list[Finding]:
     return findings
 
 
+def locate_most_suspicious(prediction: Prediction, series: CTSeries) -> SuspiciousSlice | None:
+    """The most suspicious slice of a non-positive ``prediction`` on ``series``; None for a positive exam (its
+    findings say where) or an empty series."""
+    if prediction.pe_present or not len(prediction.image):
+        return None
+    index = rank_slices(prediction.image, prediction.attention)[0]
+    region, _ = _region_and_side(series, index, prediction.cams.get(index))
+    return SuspiciousSlice(index, float(prediction.image[index]), region)
+
+
 def patient_points(series: CTSeries, index: int, region: Region) -> np.ndarray | None:
     """The points of ``region`` on slice ``index`` in patient coordinates (mm), [points, 3]; None without the
     position of the first slice in the header (an Enhanced CT keeps it per frame).
@@ -157,6 +191,17 @@ def describe(finding: Finding, series: CTSeries) -> str:
     """A reader's label of a finding: "PE, right, images 48-61, p 0.96"."""
     side = finding.side.value if finding.side is not None else "side not determined"
     return f"PE, {side}, {slice_span(series, finding.first, finding.last)}, p {finding.probability:.2f}"
+
+
+def describe_suspicious(spot: SuspiciousSlice, series: CTSeries, result: ExamResult) -> str:
+    """A reader's label of the most suspicious slice of an exam with ``result`` (negative or indeterminate) that
+    cannot be taken for a finding: "No PE: most suspicious slice, image 40, p 0.12 (below 0.5)"."""
+    if result is ExamResult.POSITIVE:
+        raise ValueError("a positive exam has findings, not a most suspicious slice")
+    verdict = "No PE" if result is ExamResult.NEGATIVE else "Indeterminate exam, no PE located"
+    side = "below" if spot.probability < THRESHOLD else "not above"
+    return (f"{verdict}: most suspicious slice, {slice_span(series, spot.index, spot.index)}, "
+            f"p {spot.probability:.2f} ({side} {THRESHOLD:g})")
 
 
 def slice_span(series: CTSeries, first: int, last: int) -> str:

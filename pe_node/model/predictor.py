@@ -27,7 +27,7 @@ import torch
 
 from pe_node import __version__
 from pe_node.findings import EXAM_LABELS, Prediction
-from pe_node.located import peak_slices
+from pe_node.located import peak_slices, rank_slices
 from pe_node.model.cam import activation_maps, to_slice
 from pe_node.model.checkpoint import CheckpointMeta, load_checkpoint
 from pe_node.model.cnn_lstm import PEModel
@@ -279,8 +279,9 @@ class Predictor:
 def cam_indices(cam_slices: int | Sequence[int], image: np.ndarray, attention: np.ndarray) -> list[int]:
     """The slices that ``predict`` maps for ``cam_slices`` (see there), given the image probabilities and attention.
 
-    For an int k: the k slices with the highest image probability times attention, then the peak slice of each
-    located finding that is not among them.
+    For an int k: the k slices with the highest image probability times attention (``located.rank_slices``; the
+    first is a non-positive exam's most suspicious slice, which its SR locates), then the peak slice of each located
+    finding that is not among them.
     """
     count = len(image)
     if isinstance(cam_slices, (int, np.integer)):
@@ -288,8 +289,7 @@ def cam_indices(cam_slices: int | Sequence[int], image: np.ndarray, attention: n
             raise ValueError(f"cam_slices {cam_slices}: must be >= 0")
         if cam_slices == 0:
             return []
-        order = np.argsort(-(image.astype(np.float64) * attention), kind="stable")
-        return list(dict.fromkeys([*(int(i) for i in order[: int(cam_slices)]), *peak_slices(image)]))
+        return list(dict.fromkeys([*rank_slices(image, attention)[: int(cam_slices)], *peak_slices(image)]))
     indices = list(dict.fromkeys(int(i) for i in cam_slices))
     outside = [i for i in indices if not 0 <= i < count]
     if outside:

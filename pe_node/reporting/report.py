@@ -2,8 +2,9 @@
 
 All objects go into the source study (patient and study attributes copied from the series header), each kind in
 its own new series: the SR at ``series_number_base``, the captures at ``+1``, the key object selection at ``+2``,
-the presentation state at ``+3``. The SR, the captures and the presentation state all show the same located
-findings (``pe_node.located``), found once here.
+the presentation states (one per finding) at ``+3``. The SR, the captures and the presentation states all show the
+same located findings (``pe_node.located``), found once here; the SR of a negative or indeterminate exam shows its
+most suspicious slice instead, which no other object calls a finding.
 
 UIDs are derived, not random: every UID of a report is a hash of what the report is made from (the source series
 and its slices, the outcome, the algorithm, the options and the reports it supersedes). A job that crashes after
@@ -25,7 +26,7 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 
 from pe_node.findings import EXAM_LABELS, THRESHOLD, ExamResult, NotAnalysed, Prediction, exam_result
-from pe_node.located import Finding, locate_findings
+from pe_node.located import Finding, locate_findings, locate_most_suspicious, rank_slices
 from pe_node.pipeline.series import CTSeries
 from pe_node.reporting.algorithm import AlgorithmInfo
 from pe_node.reporting.capture import secondary_capture
@@ -41,8 +42,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ReportOptions:
-    """Which objects to make besides the SR (``outputs`` of config.yaml); a presentation state is made only when
-    there are located findings to draw."""
+    """Which objects to make besides the SR (``outputs`` of config.yaml); presentation states are made only when
+    there are located findings to draw, one per finding."""
 
     secondary_capture: bool = True
     max_images: int = 4
@@ -62,13 +63,13 @@ class ReportObjects:
     sr: Dataset
     secondary_captures: tuple[Dataset, ...] = ()
     key_object_selection: Dataset | None = None
-    presentation_state: Dataset | None = None
+    presentation_states: tuple[Dataset, ...] = ()
 
     def all(self) -> list[Dataset]:
-        """Every object, each before the objects that reference it: captures, presentation state, SR, key object
+        """Every object, each before the objects that reference it: captures, presentation states, SR, key object
         selection (which references the captures)."""
-        optional = (self.presentation_state, self.sr, self.key_object_selection)
-        return [*self.secondary_captures, *(d for d in optional if d is not None)]
+        kos = [self.key_object_selection] if self.key_object_selection is not None else []
+        return [*self.secondary_captures, *self.presentation_states, self.sr, *kos]
 
 
 def build_report(
@@ -80,7 +81,7 @@ def build_report(
     previous: Sequence[Dataset] = (),
     series_number_base: int = 9000,
 ) -> ReportObjects:
-    """The SR, the key-slice captures, the presentation state and the key object selection (as ``options`` say) of
+    """The SR, the key-slice captures, the presentation states and the key object selection (as ``options`` say) of
     ``outcome`` on ``series``.
 
     ``previous`` are earlier SRs of this series that this report supersedes (a re-opened series); the SR lists them
@@ -91,6 +92,7 @@ def build_report(
     uid = _uid_source(series, outcome, algorithm, options, previous)
     header = study_header(series)
     findings = locate_findings(outcome, series) if isinstance(outcome, Prediction) else []
+    suspicious = locate_most_suspicious(outcome, series) if isinstance(outcome, Prediction) else None
 
     def tracking_uid(key: str) -> str:
         return generate_uid(entropy_srcs=[_joined(series.series_instance_uid, "tracking", key)])
@@ -106,6 +108,7 @@ def build_report(
         series_number=series_number_base,
         sop_instance_uid=uid("sr"),
         previous=previous,
+        suspicious=suspicious,
     )
     if isinstance(outcome, NotAnalysed):
         return _logged(series, f"NOT_ANALYSED ({outcome.reason.name})", ReportObjects(sr=sr), started)
@@ -136,19 +139,22 @@ def build_report(
             series_number=series_number_base + 2,
             sop_instance_uid=uid("ko"),
         )
-    state = None
-    if options.presentation_state and findings:
-        state = presentation_state(
+    states = tuple(
+        presentation_state(
             series,
-            findings,
+            finding,
+            number,
+            len(findings),
             header=header,
             algorithm=algorithm,
             tracking_uid=tracking_uid,
             series_instance_uid=uid("pr-series"),
             series_number=series_number_base + 3,
-            sop_instance_uid=uid("pr"),
+            sop_instance_uid=uid("pr", str(finding.peak)),
         )
-    objects = ReportObjects(sr=sr, secondary_captures=captures, key_object_selection=kos, presentation_state=state)
+        for number, finding in enumerate(findings if options.presentation_state else [], start=1)
+    )
+    objects = ReportObjects(sr=sr, secondary_captures=captures, key_object_selection=kos, presentation_states=states)
     return _logged(series, exam_result(outcome).name, objects, started, findings)
 
 
@@ -158,31 +164,27 @@ def key_slices(prediction: Prediction, result: ExamResult, options: ReportOption
     A positive exam shows only slices with image probability above 0.5; a negative or indeterminate exam shows none
     unless ``captures_for_negative``, and then its most suspicious slices.
     """
-    image = np.asarray(prediction.image, dtype=np.float64)
-    attention = np.asarray(prediction.attention, dtype=np.float64)
     if result is ExamResult.POSITIVE:
-        candidates = np.flatnonzero(image > THRESHOLD)
+        candidates = np.flatnonzero(np.asarray(prediction.image, dtype=np.float64) > THRESHOLD)
     elif options.captures_for_negative:
-        candidates = np.arange(len(image))
+        candidates = None
     else:
         return []
-    score = attention[candidates] * image[candidates]
-    order = np.argsort(-score, kind="stable")
-    return [int(candidates[i]) for i in order[: options.max_images]]
+    return rank_slices(prediction.image, prediction.attention, candidates)[: options.max_images]
 
 
 def _logged(
     series: CTSeries, result: str, objects: ReportObjects, started: float, findings: Sequence[Finding] = ()
 ) -> ReportObjects:
     logger.info(
-        "report for series %s: %s, %d located findings, SR %s, %d captures, presentation state %s, "
+        "report for series %s: %s, %d located findings, SR %s, %d captures, %d presentation states, "
         "key objects %s, %.3f s",
         series.series_instance_uid,
         result,
         len(findings),
         objects.sr.SOPInstanceUID,
         len(objects.secondary_captures),
-        "yes" if objects.presentation_state is not None else "no",
+        len(objects.presentation_states),
         "yes" if objects.key_object_selection is not None else "no",
         time.perf_counter() - started,
     )

@@ -5,7 +5,7 @@ the text view many PACS offer) print each item with its concept name::
 
     Imaging Measurement Report (DCM 126000), language, device observer, procedure reported
       Image Library (TID 1600): the slices referenced below (or the first slice), shared descriptors once
-      Imaging Measurements (DCM 126010), only when there are located findings
+      Imaging Measurements (DCM 126010), all but a not-analysed report
         Measurement Group (TID 1501), one per located finding (pe_node.located), in slice order:
           Tracking Identifier "Cornerstone3DTools@^0.1.0:<tool>:PE finding <n>", Tracking Unique Identifier
           Finding = Pulmonary embolism
@@ -16,6 +16,13 @@ the text view many PACS offer) print each item with its concept name::
             INFERRED FROM SCOORD ELLIPSE | POINT (pixel column/row) SELECTED FROM the peak CT slice (and frame)
           Comment: the reader's label, "PE, right, images 48-61, p 0.96"
           First slice of finding, Last slice of finding: the CT slices of its extent (private concepts)
+        or, for a negative or indeterminate exam, one Measurement Group for its most suspicious slice (not a finding):
+          Tracking Identifier "Cornerstone3DTools@^0.1.0:<tool>:most suspicious slice (not a finding)", Tracking UID
+          TID 4019 algorithm identification
+          Probability (that slice's image probability, at most 0.5)
+            INFERRED FROM SCOORD ELLIPSE | POINT SELECTED FROM that CT slice (and frame)
+          Pulmonary embolism = Absent | Undetermined (the exam's evaluation, TID 1501 qualitative evaluation)
+          Comment: "No PE: most suspicious slice, image 40, p 0.12 (below 0.5)"
       Qualitative Evaluations (UMLS C0034375)
         TID 4019 algorithm identification
         Pulmonary embolism (site pulmonary artery) = Present | Absent | Undetermined | Not Evaluated,
@@ -29,18 +36,22 @@ the text view many PACS offer) print each item with its concept name::
         RV/LV diameter ratio >= 1 (private) = Present | Absent, INFERRED FROM Probability
 
 What OHIF (3.13, cornerstone-dicom-sr) needs shapes the measurement groups: every group under Imaging Measurements
-has spatial coordinates, or loading the SR fails; the SCOORD sits alone under the group's first NUM (the shape
-dcmjs writes), so the viewer draws the 2D region on the referenced slice (see :func:`_scoord3d`); the tracking
-identifier names the tool the region maps to (ELLIPSE: EllipticalROI, POINT: Probe), so the measurements panel
-lists it, with the Comment as its label. Exam-level statements have no place on an image and sit in Qualitative
-Evaluations: a negative, indeterminate or not-analysed report has no Imaging Measurements container at all (TID 1500
-needs one of Imaging Measurements and Qualitative Evaluations; OHIF 3.13 loads such an SR but cannot show it in its
-SR viewport, which needs a measurement). Negative and indeterminate exams state only the exam finding: under the
-RSNA-STR rules their location, course and RV/LV labels are forced to <= 0.5 and describe an embolism the model says
-is not there.
+has spatial coordinates selected from a CT image, or loading the SR fails; the SCOORD sits alone under the group's
+first NUM (the shape dcmjs writes), so the viewer draws the 2D region on the referenced slice (see
+:func:`_scoord3d`); the tracking identifier names the tool the region maps to (ELLIPSE: EllipticalROI, POINT: Probe),
+so the measurements panel lists it, with the Comment as its label. OHIF's SR viewport cannot open a report without
+a measurement (it reads the first one unguarded), so a negative or indeterminate exam gets one group, for the slice
+the model found most suspicious (``located.SuspiciousSlice``): its region and probability, and inside the group the
+exam's evaluation (Absent or Undetermined), so that a text view reads "Pulmonary embolism: Absent" beside it. It
+names no Finding, no finding site and no SCOORD3D, the presentation states do not draw it and captures do not call
+it a finding. A not-analysed report has no Imaging Measurements: no slice was read, so there is no region to give
+(OHIF loads it and lists it, but its SR viewport cannot show it; PACS text views show it in full). Exam-level
+statements have no place on an image and sit in Qualitative Evaluations. Negative and indeterminate exams state
+only the exam finding there: under the RSNA-STR rules their location, course and RV/LV labels are forced to <= 0.5
+and describe an embolism the model says is not there.
 
-Tracking UIDs are derived from the source series and the finding's peak slice, so a superseding report tracks the
-same finding under the same UID.
+Tracking UIDs are derived from the source series and the finding's peak slice (the most suspicious slice), so a
+superseding report tracks the same finding under the same UID.
 
 Evidence (Current Requested Procedure Evidence Sequence) lists every slice of the series: the model read them all.
 The Image Library lists only the slices the content references, which is what TID 1500 readers (OHIF) use it for:
@@ -83,7 +94,7 @@ from pe_node.findings import (
     exam_probability,
     exam_result,
 )
-from pe_node.located import Finding, Shape, describe, patient_points
+from pe_node.located import Finding, Region, Shape, SuspiciousSlice, describe, describe_suspicious, patient_points
 from pe_node.pipeline.series import CTSeries
 from pe_node.reporting import codes as pe_codes
 from pe_node.reporting.algorithm import AlgorithmInfo
@@ -103,6 +114,8 @@ TOOL_TAG = "Cornerstone3DTools@^0.1.0"
 """The prefix of a tracking identifier that OHIF maps to a Cornerstone3D tool."""
 TOOLS = {Shape.ELLIPSE: "EllipticalROI", Shape.POINT: "Probe"}
 """The Cornerstone3D tool that draws each region shape."""
+SUSPICIOUS_NAME = "most suspicious slice (not a finding)"
+"""The name in the tracking identifier of a non-positive exam's most suspicious slice."""
 
 TrackingUid = Callable[[str], str]
 """Gives the tracking UID of the finding keyed by its argument."""
@@ -130,12 +143,21 @@ def structured_report(
     series_number: int,
     sop_instance_uid: str,
     previous: Sequence[Dataset],
+    suspicious: SuspiciousSlice | None = None,
 ) -> hd.sr.Comprehensive3DSR:
-    """The SR of ``outcome`` and its located ``findings`` on ``series``; ``header`` is the private
-    :func:`evidence.study_header` copy."""
-    content: list[ContentItem] = [_image_library(series, header, _library_slices(findings))]
+    """The SR of ``outcome`` and its located ``findings`` on ``series``, or of a negative or indeterminate outcome
+    and its ``suspicious`` slice; ``header`` is the private :func:`evidence.study_header` copy."""
+    if suspicious is not None and (findings or not isinstance(outcome, Prediction)):
+        raise ValueError("only a negative or indeterminate exam, which has no findings, has a most suspicious slice")
+    content: list[ContentItem] = [_image_library(series, header, _library_slices(findings, suspicious))]
     if findings:
-        content.append(_imaging_measurements(series, header, findings, algorithm, tracking_uid))
+        content.append(_imaging_measurements(
+            [_finding_group(series, header, finding, number, algorithm, tracking_uid)
+             for number, finding in enumerate(findings, start=1)]
+        ))
+    elif suspicious is not None:
+        result = exam_result(outcome)
+        content.append(_imaging_measurements([_suspicious_group(series, suspicious, result, algorithm, tracking_uid)]))
     content.append(_qualitative_evaluations(outcome, algorithm))
     root = _root(algorithm, content)
     return hd.sr.Comprehensive3DSR(
@@ -167,6 +189,12 @@ def tracking_key(series: CTSeries, finding: Finding) -> str:
     return f"finding {ref.sop_instance_uid} {ref.frame or ''}"
 
 
+def suspicious_tracking_key(series: CTSeries, spot: SuspiciousSlice) -> str:
+    """What the tracking UID of a most suspicious slice is derived from: that slice (and frame)."""
+    ref = series.slices[spot.index]
+    return f"most suspicious {ref.sop_instance_uid} {ref.frame or ''}"
+
+
 def _root(algorithm: AlgorithmInfo, content: Sequence[ContentItem]) -> ContainerContentItem:
     """TID 1500 rows 1-4 (title, language, observer, procedure reported) holding ``content``.
 
@@ -189,19 +217,10 @@ def _root(algorithm: AlgorithmInfo, content: Sequence[ContentItem]) -> Container
 # ---------------------------------------------------------------- Imaging Measurements: located findings
 
 
-def _imaging_measurements(
-    series: CTSeries, header: Dataset, findings: Sequence[Finding], algorithm: AlgorithmInfo,
-    tracking_uid: TrackingUid,
-) -> ContainerContentItem:
+def _imaging_measurements(groups: Sequence[hd.sr.MeasurementsAndQualitativeEvaluations]) -> ContainerContentItem:
     container = ContainerContentItem(name=codes.DCM.ImagingMeasurements, is_content_continuous=False,
                                      relationship_type=_CONTAINS)
-    container.ContentSequence = ContentSequence(
-        [
-            item
-            for number, finding in enumerate(findings, start=1)
-            for item in _finding_group(series, header, finding, number, algorithm, tracking_uid)
-        ]
-    )
+    container.ContentSequence = ContentSequence([item for group in groups for item in group])
     return container
 
 
@@ -211,7 +230,7 @@ def _finding_group(
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 for one located finding: the peak probability with its region, the label and the extent."""
     probability = _measurement(finding.probability)
-    probability[0].ContentSequence = ContentSequence([_scoord(series, finding)])
+    probability[0].ContentSequence = ContentSequence([_scoord(series, finding.peak, finding.region)])
     site = SIDE_LOCATIONS[finding.side].value if finding.side is not None else pe_codes.PULMONARY_ARTERY
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
@@ -238,13 +257,39 @@ def _finding_group(
     return group
 
 
-def _scoord(series: CTSeries, finding: Finding) -> ScoordContentItem:
-    """The region in pixels, selected from the peak slice: what the probability is inferred from."""
-    region = finding.region
+def _suspicious_group(
+    series: CTSeries, spot: SuspiciousSlice, result: ExamResult, algorithm: AlgorithmInfo, tracking_uid: TrackingUid
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 for the most suspicious slice of a negative or indeterminate exam: its probability with its region,
+    the exam's evaluation and a label that says no PE was found (see the module docstring)."""
+    probability = _measurement(spot.probability)
+    probability[0].ContentSequence = ContentSequence([_scoord(series, spot.index, spot.region)])
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid(suspicious_tracking_key(series, spot)),
+            identifier=f"{TOOL_TAG}:{TOOLS[spot.region.shape]}:{SUSPICIOUS_NAME}",
+        ),
+        algorithm_id=algorithm.identification(),
+        measurements=[probability],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=pe_codes.PULMONARY_EMBOLISM, value=EVALUATIONS[result].value)
+        ],
+    )
+    container = group[0]
+    container.ContinuityOfContent = "SEPARATE"
+    container.ContentSequence.append(
+        TextContentItem(name=pe_codes.COMMENT, value=describe_suspicious(spot, series, result),
+                        relationship_type=_CONTAINS)
+    )
+    return group
+
+
+def _scoord(series: CTSeries, index: int, region: Region) -> ScoordContentItem:
+    """``region`` in pixels, selected from slice ``index``: what the probability is inferred from."""
     scoord = ScoordContentItem(name=pe_codes.IMAGE_REGION, graphic_type=region.shape.value,
                                graphic_data=np.array(region.points), relationship_type=_INFERRED_FROM)
     scoord.ContentSequence = ContentSequence(
-        [_slice_item(series, finding.peak, pe_codes.SOURCE, RelationshipTypeValues.SELECTED_FROM)]
+        [_slice_item(series, index, pe_codes.SOURCE, RelationshipTypeValues.SELECTED_FROM)]
     )
     return scoord
 
@@ -361,9 +406,13 @@ def _checked(value: float) -> float:
 # ---------------------------------------------------------------- image library
 
 
-def _library_slices(findings: Sequence[Finding]) -> list[int]:
-    """The slices the content references (peak, first and last of each finding); the first slice when none."""
-    return sorted({index for f in findings for index in (f.first, f.peak, f.last)}) or [0]
+def _library_slices(findings: Sequence[Finding], suspicious: SuspiciousSlice | None) -> list[int]:
+    """The slices the content references (peak, first and last of each finding, the most suspicious slice); the
+    first slice when none."""
+    indices = {index for f in findings for index in (f.first, f.peak, f.last)}
+    if suspicious is not None:
+        indices.add(suspicious.index)
+    return sorted(indices) or [0]
 
 
 def _uses_private_scheme(item: Dataset) -> bool:

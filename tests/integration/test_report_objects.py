@@ -30,6 +30,7 @@ from pydicom.uid import (
 )
 
 from pe_node.findings import EXAM_LABELS, ClinicalCourse, ExamLabel, NotAnalysed, NotAnalysedReason, Prediction
+from pe_node.located import rank_slices
 from pe_node.model.preprocess import PE_WINDOW
 from pe_node.pipeline.series import CTSeries, SliceRef, load_series
 from pe_node.reporting import (
@@ -40,12 +41,13 @@ from pe_node.reporting import (
     codes,
 )
 from pe_node.reporting.overlay import blend, window
-from pe_node.reporting.sr import TOOL_TAG
+from pe_node.reporting.sr import SUSPICIOUS_NAME, TOOL_TAG
 
 ALGORITHM = AlgorithmInfo(name="pe-node PE CNN-LSTM", version="1.4.2")
 SLICES, SIZE = 40, 128
 POSITIVE = range(10, 16)  # slices with PE in the positive prediction: one finding, its peak slice 12
 PEAK = 12
+SUSPICIOUS = 16  # the most suspicious slice of the negative and indeterminate predictions (image x attention)
 VESSEL = (int(SIZE * 0.45), int(SIZE * 0.55))  # row, column of the contrast-filled artery and the attention peak
 ReadSR = Callable[[str], hd.sr.Comprehensive3DSR]
 ALL_OBJECTS = ReportOptions(secondary_capture=True, max_images=4, key_object_selection=True)
@@ -97,7 +99,8 @@ def cam(size: int = SIZE) -> np.ndarray:
 
 def predict(series: CTSeries, kind: str) -> Prediction:
     """A label-consistent prediction: ``positive`` (central + right, chronic, RV/LV >= 1), ``negative`` or
-    ``indeterminate``. Slice 13 of the positive one has no attention map."""
+    ``indeterminate``. Slice 13 of the positive one has no attention map; a non-positive one has a map of its most
+    suspicious slice (``SUSPICIOUS``), as the predictor makes it."""
     rng = np.random.default_rng(7)
     image = rng.uniform(0.01, 0.3, len(series))
     attention = rng.uniform(0.5, 1.0, len(series))
@@ -118,6 +121,7 @@ def predict(series: CTSeries, kind: str) -> Prediction:
         cams = {i: cam() for i in POSITIVE if i != 13}
     else:
         exam[ExamLabel.NEGATIVE.value if kind == "negative" else ExamLabel.INDETERMINATE.value] = 0.9
+        cams = {rank_slices(image, attention)[0]: cam(series.hu.shape[1])}
     return Prediction(
         series.series_instance_uid, series.sop_instance_uids, exam, image, attention / attention.sum(), cams
     )
@@ -298,12 +302,15 @@ def test_dsr2html_prints_each_value_with_its_concept_name(files: dict[str, list[
     assert "Clinical course: Chronic" in positive and "RV/LV diameter ratio &gt;= 1: Present" in positive
     assert "Probability: 0.97 1" in positive and "Comment: PE, central, images 11-16, p 0.97" in positive
     assert "First slice of finding: CT image" in positive and "Last slice of finding: CT image" in positive
-    assert "Pulmonary embolism: Absent (272519000, SCT)" in sr_text("negative")
+    negative = sr_text("negative")
+    assert negative.count("Pulmonary embolism: Absent (272519000, SCT)") == 2, "in the group and for the exam"
+    assert "Comment: No PE: most suspicious slice, image 17, p 0.30 (below 0.5)" in negative
+    assert "Pulmonary embolism: Present" not in negative and "Finding:" not in negative
     not_analysed = sr_text("not_analysed")
     assert "Pulmonary embolism: Not Evaluated" in not_analysed
     assert "Reason not analysed: Too few slices" in not_analysed
     assert "Reason not analysed: too few slices: 12 &lt; 30" in not_analysed
-    for kind in ("positive", "not_analysed"):
+    for kind in ("positive", "negative", "not_analysed"):
         tree = [reports[kind].sr]
         while tree:
             item = tree.pop()
@@ -345,10 +352,8 @@ def test_positive_sr_gives_locations_course_and_rv_lv(read_sr: ReadSR) -> None:
 
 
 @pytest.mark.parametrize(("kind", "expected"), [("negative", "ABSENT"), ("indeterminate", "UNDETERMINED")])
-def test_non_positive_sr_states_only_the_exam_and_has_nothing_to_draw(read_sr: ReadSR, series: CTSeries, kind: str,
-                                                                      expected: str) -> None:
+def test_non_positive_sr_states_only_the_exam(read_sr: ReadSR, series: CTSeries, kind: str, expected: str) -> None:
     sr = read_sr(kind)
-    assert containers(sr, codes.codes.DCM.ImagingMeasurements) == [] and groups(sr) == {}
     found = statements(sr)
     assert list(found) == [("Pulmonary embolism", "Pulmonary artery")]
     exam = found["Pulmonary embolism", "Pulmonary artery"]
@@ -356,6 +361,55 @@ def test_non_positive_sr_states_only_the_exam_and_has_nothing_to_draw(read_sr: R
     labels = predict(series, kind).exam  # the exam head's (1 - p(negative)) (1 - p(indeterminate)): 0.095 here
     head = (1 - labels[ExamLabel.NEGATIVE.value]) * (1 - labels[ExamLabel.INDETERMINATE.value])
     assert probabilities(exam) == [pytest.approx(head, abs=1e-4)]
+
+
+@pytest.mark.parametrize(("kind", "expected", "label"), [
+    ("negative", "ABSENT", "No PE: most suspicious slice, image 17, p 0.30 (below 0.5)"),
+    ("indeterminate", "UNDETERMINED",
+     "Indeterminate exam, no PE located: most suspicious slice, image 17, p 0.30 (below 0.5)"),
+])
+def test_non_positive_sr_locates_its_most_suspicious_slice_and_calls_it_no_finding(
+        read_sr: ReadSR, series: CTSeries, kind: str, expected: str, label: str) -> None:
+    """OHIF opens an SR in its SR viewport only with a measurement: the one group of a non-positive exam is the
+    slice the model found most suspicious, with the exam's evaluation inside it and nothing that reads as a PE."""
+    prediction = predict(series, kind)
+    assert rank_slices(prediction.image, prediction.attention)[0] == SUSPICIOUS
+    sr = read_sr(kind)
+    (name, group), = groups(sr).items()
+    assert name == f"{TOOL_TAG}:EllipticalROI:{SUSPICIOUS_NAME}" and group.tracking_uid
+    assert group.finding_type is None and group.finding_sites == []
+    (probability,) = group.get_measurements(name=codes.PROBABILITY)
+    assert probability.value == pytest.approx(prediction.image[SUSPICIOUS], abs=1e-4) and probability.value < 0.5
+    (evaluation,) = group.get_qualitative_evaluations()
+    assert evaluation.name == codes.PULMONARY_EMBOLISM and evaluation.value == codes.Evaluation[expected].value
+    items = children(group[0])
+    (comment,) = [i.TextValue for i in items if is_concept(i, codes.COMMENT)]
+    assert comment == label
+    (num,) = [i for i in items if i.ValueType == "NUM"]
+    (scoord,) = children(num)
+    assert (scoord.GraphicType, scoord.RelationshipType) == ("ELLIPSE", "INFERRED FROM")
+    assert np.reshape(scoord.GraphicData, (4, 2)).mean(axis=0) == pytest.approx([VESSEL[1] + 0.5, VESSEL[0] + 0.5],
+                                                                                abs=0.5), "the region of its map"
+    (source,) = children(scoord)
+    assert source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == series.sop_instance_uids[SUSPICIOUS]
+    tree = list(items)
+    while tree:
+        item = tree.pop()
+        assert item.ValueType != "SCOORD3D" and not is_concept(item, codes.codes.DCM.Finding)
+        tree += children(item)
+    (library,) = containers(sr, codes.codes.DCM.ImageLibrary)
+    images = [i for i in children(library.ContentSequence[0]) if i.ValueType == "IMAGE"]
+    assert [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in images] == \
+        [series.sop_instance_uids[SUSPICIOUS]]
+
+
+def test_suspicious_slice_without_a_map_is_a_probe_point(series: CTSeries) -> None:
+    prediction = predict(series, "negative")
+    prediction.cams = {}
+    objects = build_report(series, prediction, algorithm=ALGORITHM, options=ReportOptions(secondary_capture=False))
+    (name,) = groups(hd.sr.Comprehensive3DSR.from_dataset(objects.sr))
+    assert name == f"{TOOL_TAG}:Probe:{SUSPICIOUS_NAME}"
+    assert objects.presentation_states == (), "no presentation state draws it"
 
 
 def test_not_analysed_is_told_apart_from_negative_by_its_codes(read_sr: ReadSR) -> None:
@@ -422,7 +476,7 @@ def test_finding_region_is_an_ellipse_on_the_peak_slice_in_pixels_and_millimetre
     assert millimetres == pytest.approx([-48 + VESSEL[1] * 0.75, -48 + VESSEL[0] * 0.75, PEAK * 2.5], abs=0.5)
 
 
-@pytest.mark.parametrize("kind", ["positive", "negative", "not_analysed", "superseding"])
+@pytest.mark.parametrize("kind", ["positive", "negative", "indeterminate", "not_analysed", "superseding"])
 def test_every_measurement_group_has_what_ohif_draws_and_lists(read_sr: ReadSR, kind: str) -> None:
     """OHIF 3.13 (cornerstone-dicom-sr): one SCOORD alone under the first NUM, selected from one image (an SCOORD3D
     there or beside the NUM keeps OHIF from drawing it on the CT); a tracking identifier naming the tool of the
@@ -472,7 +526,7 @@ def test_algorithm_identification_matches_contributing_equipment(read_sr: ReadSR
     sr = read_sr(kind)
     (evaluations,) = containers(sr, codes.QUALITATIVE_EVALUATIONS)
     holders = [evaluations, *(group[0] for group in groups(sr).values())]
-    assert len(holders) == (2 if kind == "positive" else 1)
+    assert len(holders) == 2
     for holder in holders:
         tid_4019 = {
             item.ConceptNameCodeSequence[0].CodeMeaning: item.TextValue
@@ -492,8 +546,9 @@ def test_algorithm_identification_matches_contributing_equipment(read_sr: ReadSR
 def test_not_analysed_report_is_the_sr_alone(reports: dict[str, ReportObjects]) -> None:
     objects = reports["not_analysed"]
     assert objects.secondary_captures == () and objects.key_object_selection is None
-    assert objects.presentation_state is None
+    assert objects.presentation_states == ()
     assert objects.all() == [objects.sr]
+    assert containers(objects.sr, codes.codes.DCM.ImagingMeasurements) == [], "no slice was read, no region to give"
 
 
 # ---------------------------------------------------------------- secondary captures
@@ -552,6 +607,7 @@ def test_negative_report_has_captures_only_when_configured(series: CTSeries) -> 
     options = ReportOptions(captures_for_negative=True, max_images=2)
     captures = build_report(series, negative, algorithm=ALGORITHM, options=options).secondary_captures
     assert len(captures) == 2 and captures[0].ImageComments.startswith("no located PE finding on this slice")
+    assert captures[0].SourceImageSequence[0].ReferencedSOPInstanceUID == series.sop_instance_uids[SUSPICIOUS]
 
 
 # ---------------------------------------------------------------- presentation state
@@ -560,8 +616,8 @@ def test_negative_report_has_captures_only_when_configured(series: CTSeries) -> 
 def test_presentation_state_draws_each_finding_on_its_peak_slice(reports: dict[str, ReportObjects],
                                                                  series: CTSeries) -> None:
     objects = reports["positive"]
-    state = objects.presentation_state
-    assert state is not None and state.SOPClassUID == GrayscaleSoftcopyPresentationStateStorage
+    (state,) = objects.presentation_states
+    assert state.SOPClassUID == GrayscaleSoftcopyPresentationStateStorage
     assert state.StudyInstanceUID == series.study_instance_uid and state.PatientID == "PE0001"
     assert state.SeriesInstanceUID not in {series.series_instance_uid, objects.sr.SeriesInstanceUID}
     (referenced,) = state.ReferencedSeriesSequence
@@ -582,11 +638,30 @@ def test_presentation_state_draws_each_finding_on_its_peak_slice(reports: dict[s
     assert objects.all() == [*objects.secondary_captures, state, objects.sr, objects.key_object_selection]
 
 
+def test_presentation_state_overlay_outlines_the_ellipse_on_the_findings_layer(
+        reports: dict[str, ReportObjects]) -> None:
+    """The overlay plane (6000) of the state, for renderers that draw overlays but not graphic objects: the whole
+    slice, 1 bit, set on the ellipse's outline only, shown on the layer of the graphic annotation."""
+    (state,) = reports["positive"].presentation_states
+    assert (state[0x60000010].value, state[0x60000011].value) == (SIZE, SIZE)
+    assert (state[0x60000040].value, list(state[0x60000050].value)) == ("G", [1, 1])
+    assert (state[0x60000100].value, state[0x60000102].value) == (1, 0)
+    assert state[0x60001001].value == state.GraphicLayerSequence[0].GraphicLayer == "PE_FINDINGS"
+    bits = np.unpackbits(np.frombuffer(state[0x60003000].value, dtype=np.uint8), bitorder="little")
+    ring = bits[: SIZE * SIZE].reshape(SIZE, SIZE).astype(bool)
+    points = np.reshape(state.GraphicAnnotationSequence[0].GraphicObjectSequence[0].GraphicData, (4, 2))
+    (column, row), (half_width, half_height) = points.mean(axis=0), (points.max(axis=0) - points.min(axis=0)) / 2
+    rows, columns = np.mgrid[:SIZE, :SIZE] + 0.5
+    radius = np.hypot((columns - column) / half_width, (rows - row) / half_height)
+    assert ring.any() and (radius[ring] <= 1).all() and (radius[ring] > 0.5).all(), "on the outline"
+    assert ring[int(row), int(column - half_width + 1)] and not ring[int(row), int(column)], "not filled"
+
+
 def test_presentation_state_is_optional_and_needs_a_finding(series: CTSeries) -> None:
     positive = predict(series, "positive")
     off = ReportOptions(secondary_capture=False, presentation_state=False)
-    assert build_report(series, positive, algorithm=ALGORITHM, options=off).presentation_state is None
-    assert build_report(series, predict(series, "negative"), algorithm=ALGORITHM).presentation_state is None
+    assert build_report(series, positive, algorithm=ALGORITHM, options=off).presentation_states == ()
+    assert build_report(series, predict(series, "negative"), algorithm=ALGORITHM).presentation_states == ()
 
 
 # ---------------------------------------------------------------- key object selection
@@ -627,7 +702,7 @@ def test_negative_report_has_no_key_object_selection(reports: dict[str, ReportOb
 def test_every_reference_to_a_frame_names_the_frame(folder: Path) -> None:
     series = multiframe_series()
     objects = build_report(series, predict(series, "positive"), algorithm=ALGORITHM, options=ALL_OBJECTS)
-    assert objects.presentation_state is not None and objects.key_object_selection is not None
+    assert objects.presentation_states and objects.key_object_selection is not None
     enhanced = series.slices[0].sop_instance_uid
     for dataset in objects.all():
         found = [item for item in references(dataset) if item.ReferencedSOPInstanceUID == enhanced]
@@ -644,10 +719,15 @@ def test_every_reference_to_a_frame_names_the_frame(folder: Path) -> None:
     assert group.tracking_identifier.endswith("PE finding 1")
     (comment,) = [i.TextValue for i in children(group[0]) if is_concept(i, codes.COMMENT)]
     assert comment == "PE, central, frames 11-16, p 0.97"
-    assert objects.presentation_state.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedFrameNumber \
-        == PEAK + 1
+    (state,) = objects.presentation_states
+    assert state.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedFrameNumber == PEAK + 1
+    assert state.GraphicAnnotationSequence[0].ReferencedImageSequence[0].ReferencedFrameNumber == PEAK + 1
     key_frames = {sc.SourceImageSequence[0].ReferencedFrameNumber for sc in objects.secondary_captures}
     assert key_frames <= {i + 1 for i in POSITIVE}
+    negative = build_report(series, predict(series, "negative"), algorithm=ALGORITHM).sr
+    assert {int(item.ReferencedFrameNumber) for item in references(negative)} == {SUSPICIOUS + 1}, \
+        "the most suspicious slice is named by its frame"
+    assert not [m for m in dciodvfy(write(negative, folder)) if m.startswith("Error")]
 
 
 # ---------------------------------------------------------------- superseding, identity, refusal, cost
@@ -749,7 +829,7 @@ def test_report_on_a_series_loaded_from_files_is_valid(ct_series_dir: Path, fold
     )
     objects = build_report(loaded, prediction, algorithm=ALGORITHM, options=ALL_OBJECTS)
     assert len(objects.secondary_captures) == 4 and objects.key_object_selection is not None
-    assert objects.presentation_state is not None
+    assert len(objects.presentation_states) == 1
     for dataset in objects.all():
         path = write(dataset, folder)
         messages = dciodvfy(path)

@@ -1,4 +1,5 @@
-"""Located findings: how positive slices group into findings, where each lies (side, region) and how it is named."""
+"""Located findings: how positive slices group into findings, where each lies (side, region) and how it is named;
+and the most suspicious slice of an exam without findings."""
 
 from __future__ import annotations
 
@@ -8,17 +9,20 @@ import numpy as np
 import pydicom
 import pytest
 
-from pe_node.findings import EXAM_LABELS, Prediction
+from pe_node.findings import EXAM_LABELS, ExamResult, Prediction
 from pe_node.located import (
     CENTRAL_MM,
     MAX_FINDINGS,
     Shape,
     Side,
     describe,
+    describe_suspicious,
     finding_extents,
     locate_findings,
+    locate_most_suspicious,
     patient_points,
     peak_slices,
+    rank_slices,
     slice_span,
 )
 from pe_node.pipeline.series import CTSeries, SliceRef
@@ -46,10 +50,12 @@ def blob(row: float, col: float, sigma: float = 4.0) -> np.ndarray:
     return np.exp(-((rows - row) ** 2 + (cols - col) ** 2) / (2 * sigma**2)).astype(np.float32)
 
 
-def prediction(image: list[float], cams: dict[int, np.ndarray] | None = None) -> Prediction:
+def prediction(image: list[float], cams: dict[int, np.ndarray] | None = None,
+               attention: list[float] | None = None) -> Prediction:
     n = len(image)
+    weights = np.asarray(attention, dtype=np.float32) if attention is not None else np.full(n, 1.0 / n)
     return Prediction("1.2.3.4", [f"1.2.3.{k}" for k in range(n)], dict.fromkeys(EXAM_LABELS, 0.1),
-                      np.asarray(image, dtype=np.float32), np.full(n, 1.0 / n), cams or {})
+                      np.asarray(image, dtype=np.float32), weights, cams or {})
 
 
 def test_contiguous_positive_slices_are_one_finding_and_a_one_slice_gap_does_not_split_it() -> None:
@@ -159,3 +165,36 @@ def test_label_names_side_extent_and_peak_probability() -> None:
     image[4:8] = [0.6, 0.96, 0.7, 0.55]
     (finding,) = locate_findings(prediction(image, {5: blob(60, SIZE / 2 - 45)}), ct)
     assert describe(finding, ct) == "PE, right, images 5-8, p 0.96"
+
+
+def test_slices_rank_by_probability_times_attention_the_earlier_of_equals_first() -> None:
+    image, attention = np.array([0.2, 0.4, 0.1, 0.4]), np.array([0.4, 0.1, 0.3, 0.1])
+    assert rank_slices(image, attention) == [0, 1, 3, 2]
+    assert rank_slices(image, attention, candidates=np.array([1, 2, 3])) == [1, 3, 2]
+
+
+def test_most_suspicious_slice_of_a_negative_exam_is_its_top_ranked_slice_with_the_region_of_its_map() -> None:
+    ct = series(5)
+    image, attention = [0.1, 0.3, 0.45, 0.2, 0.1], [0.1, 0.4, 0.2, 0.2, 0.1]  # 0.12 on slice 1, 0.09 on slice 2
+    spot = locate_most_suspicious(prediction(image, {1: blob(40, 90)}, attention), ct)
+    assert spot is not None and (spot.index, spot.probability) == (1, pytest.approx(0.3))
+    assert spot.region.shape is Shape.ELLIPSE and spot.region.centre == pytest.approx((90.5, 40.5), abs=0.2)
+    unmapped = locate_most_suspicious(prediction(image, {}, attention), ct)
+    assert unmapped is not None and unmapped.region.shape is Shape.POINT, "without a map, a point at the body"
+    assert locate_most_suspicious(prediction([0.1, 0.9, 0.1, 0.1, 0.1]), ct) is None, "a positive exam has findings"
+
+
+@pytest.mark.parametrize(("result", "probability", "label"), [
+    (ExamResult.NEGATIVE, 0.12, "No PE: most suspicious slice, image 2, p 0.12 (below 0.5)"),
+    (ExamResult.NEGATIVE, 0.5, "No PE: most suspicious slice, image 2, p 0.50 (not above 0.5)"),
+    (ExamResult.INDETERMINATE, 0.3,
+     "Indeterminate exam, no PE located: most suspicious slice, image 2, p 0.30 (below 0.5)"),
+])
+def test_most_suspicious_slice_is_labelled_so_that_nobody_takes_it_for_a_finding(result: ExamResult,
+                                                                                probability: float,
+                                                                                label: str) -> None:
+    ct = series(3)
+    spot = locate_most_suspicious(prediction([0.01, probability, 0.01]), ct)
+    assert spot is not None and describe_suspicious(spot, ct, result) == label
+    with pytest.raises(ValueError, match="positive"):
+        describe_suspicious(spot, ct, ExamResult.POSITIVE)
