@@ -46,7 +46,7 @@ from pe_node.jobs.result import JobResult, Report, ResultObject, SeriesDecision
 from pe_node.metrics import Metrics
 from pe_node.pipeline.selection import Choice, choose, explain
 from pe_node.pipeline.series import CTSeries, ImageTooLarge, SeriesError, SliceRef, load_stack
-from pe_node.pipeline.stacks import Stack
+from pe_node.pipeline.stacks import Stack, read_header
 from pe_node.pipeline.suitability import SuitabilityRules, check_suitability
 from pe_node.reporting import AlgorithmInfo, ReportObjects, ReportOptions, build_report
 from pe_node.reporting.report import key_slices
@@ -350,7 +350,7 @@ def _first_header(stack: Stack) -> Dataset:
     """The header of the stack's first readable file, or a bare one naming its study and series."""
     for piece in stack.slices:
         try:
-            return pydicom.dcmread(piece.path, stop_before_pixels=True)
+            return read_header(piece.path)
         except Exception:  # a damaged file: a not-analysed report must still be made
             continue
     header = Dataset()

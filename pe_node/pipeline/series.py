@@ -26,7 +26,7 @@ import pydicom
 from pydicom.pixels import apply_modality_lut, iter_pixels
 
 from pe_node.config import SeriesConfig
-from pe_node.pipeline.stacks import Image, Slice, Stack, read_image, stacks_of
+from pe_node.pipeline.stacks import Image, Slice, Stack, read_header, read_image, stacks_of
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def _report_header(first: Slice) -> pydicom.Dataset:
     A multi-frame image's functional groups are dropped (reports copy the header, and they can be thousands of
     items) and the first frame's geometry and rescale are set at the top level, where a single-frame image has them.
     """
-    header = pydicom.dcmread(first.path, stop_before_pixels=True)
+    header = read_header(first.path)
     if first.frame is None:
         return header
     for keyword in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):

@@ -12,19 +12,30 @@ being a volume is listed in ``Stack.problems``, for the selection rules to repor
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
+import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset, read_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 log = logging.getLogger(__name__)
 
+DEFER_BYTES = 1 << 20
+"""Header values larger than this stay on disk until used (a private blob, an embedded document)."""
+MAX_HEADER_BYTES = 64 << 20
+"""The most a deflated dataset may inflate to before its pixel data, for its header to be read."""
+_META_START = 132  # the 128-byte preamble and "DICM"
+_PIXEL_DATA = 0x7FE00010
+_PIXEL_DATA_BYTES = b"\xe0\x7f\x10\x00"  # (7FE0,0010) in little endian
 _ORIENTATION_DECIMALS = 2
 _SAME_POSITION_MM = 0.05
 
@@ -134,13 +145,51 @@ class Stack:
         return f"{number} ({thickness}{len(self.slices)} slices{stack})"
 
 
+def read_header(path: Path) -> pydicom.Dataset:
+    """A file's dataset up to its pixel data, in bounded memory whatever the file holds.
+
+    Values over ``DEFER_BYTES`` are left on disk (read only if used). A deflated dataset is inflated piece by piece
+    only up to its pixel data, at most ``MAX_HEADER_BYTES``: pydicom would inflate all of it, and a few kilobytes
+    of deflate can stand for gigabytes. Raises ``InvalidDicomError`` for a file that is not DICOM and ``ValueError``
+    for a deflated header over the limit.
+    """
+    meta = read_file_meta_info(path)
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return pydicom.dcmread(path, stop_before_pixels=True, defer_size=DEFER_BYTES)
+    with path.open("rb") as stream:
+        stream.seek(_META_START)
+        group_length = int.from_bytes(stream.read(12)[8:12], "little")
+        stream.seek(_META_START + 12 + group_length)
+        inflated = _inflate_header(stream, path)
+    ds = read_dataset(io.BytesIO(inflated), is_implicit_VR=False, is_little_endian=True,
+                      stop_when=lambda tag, vr, length: tag == _PIXEL_DATA)  # in memory: nothing to defer
+    ds.file_meta = meta
+    return ds
+
+
+def _inflate_header(stream: BinaryIO, path: Path) -> bytes:
+    """The inflated bytes of a deflated dataset up to (and a little past) its pixel data tag, a megabyte at a time."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = bytearray()
+    while True:
+        pending = inflater.unconsumed_tail or stream.read(1 << 16)
+        if not pending or inflater.eof:
+            return bytes(inflated)
+        searched = max(0, len(inflated) - len(_PIXEL_DATA_BYTES))
+        inflated += inflater.decompress(pending, 1 << 20)
+        if inflated.find(_PIXEL_DATA_BYTES, searched) >= 0:
+            return bytes(inflated)
+        if len(inflated) > MAX_HEADER_BYTES:
+            raise ValueError(f"{path}: the deflated dataset's header is over {MAX_HEADER_BYTES >> 20} MB")
+
+
 def read_image(path: Path) -> Image | None:
     """The header of one file (pixel data not read); None when it is not DICOM or has no series (a DICOMDIR).
 
     Raises ``ValueError`` naming the file when the header itself cannot be parsed.
     """
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = read_header(path)
     except InvalidDicomError:
         log.debug("skipping %s: not a DICOM file", path)
         return None

@@ -205,3 +205,28 @@ def test_enhanced_ct_keeps_padding_below_the_rescale_intercept(tmp_path: Path, v
     path = write_enhanced(tmp_path / "padded.dcm", padded, study_uid="1.2.3", series_uid="1.2.3.10")
     [stack] = stacks([path])
     assert np.array_equal(load_stack(stack, LIMITS).hu, padded)
+
+
+def test_a_deflated_header_is_read_without_inflating_what_follows_it(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from pe_node.pipeline.stacks import read_header
+
+    ds = make_ct_dataset(np.full((2048, 2048), -1000, dtype=np.int16), position=(0.0, 0.0, 0.0), study_uid="1.2.3",
+                         series_uid="1.2.3.11")
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    plain = tmp_path / "plain.dcm"
+    ds.save_as(plain, enforce_file_format=True)
+    tracemalloc.start()
+    header = read_header(plain)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert header.SOPInstanceUID == ds.SOPInstanceUID and header.Rows == 2048 and "PixelData" not in header
+    assert peak < 4 << 20, f"reading the header took {peak >> 20} MB: the 8 MB of pixel data were inflated"
+    ds.add_new(0x00091010, "OB", bytes(80 << 20))  # a private blob of 80 MB before the pixel data
+    bomb = tmp_path / "bomb.dcm"
+    ds.save_as(bomb, enforce_file_format=True)
+    with pytest.raises(ValueError, match="header is over 64 MB"):
+        read_header(bomb)
