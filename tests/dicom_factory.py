@@ -52,6 +52,31 @@ def phantom_volume(n_slices: int = 60, size: int = 64, seed: int = 0) -> np.ndar
     return np.stack([phantom_slice(k, n_slices, size, seed) for k in range(n_slices)])
 
 
+def new_dataset(sop_class: str, sop_uid: str, study_uid: str, series_uid: str, modality: str) -> Dataset:
+    """A dataset with its file meta, its UIDs and the phantom patient's and study's attributes."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.Modality = modality
+    ds.PatientName = "Phantom^Chest"
+    ds.PatientID = "PHANTOM"
+    ds.StudyDate = "20240101"
+    ds.StudyTime = "120000"
+    ds.AccessionNumber = ""
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.Manufacturer = "pe-node tests"
+    return ds
+
+
 def make_ct_dataset(
     hu: np.ndarray,
     *,
@@ -72,30 +97,10 @@ def make_ct_dataset(
     stored = np.rint((hu.astype(np.float64) - rescale_intercept) / rescale_slope)
     signed = bool(stored.min() < 0)
     stored = stored.astype(np.int16 if signed else np.uint16)
-    sop_uid = sop_uid or generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
+    ds = new_dataset(CTImageStorage, sop_uid or generate_uid(), study_uid, series_uid, modality)
     ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[study_uid, "frame of reference"])
-    ds.Modality = modality
-    ds.PatientName = "Phantom^Chest"
-    ds.PatientID = "PHANTOM"
-    ds.StudyDate = "20240101"
-    ds.StudyTime = "120000"
-    ds.AccessionNumber = ""
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = "1"
     ds.SeriesNumber = 1
     ds.InstanceNumber = instance_number
-    ds.Manufacturer = "pe-node tests"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.ImagePositionPatient = [float(v) for v in position]
     ds.ImageOrientationPatient = [float(v) for v in orientation]

@@ -22,17 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
     EnhancedCTImageStorage,
-    ExplicitVRLittleEndian,
     XRayRadiationDoseSRStorage,
     generate_uid,
 )
 
-from tests.dicom_factory import AXIAL, make_ct_dataset
+from tests.dicom_factory import AXIAL, make_ct_dataset, new_dataset
 
 CORONAL: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
 SPACING = 1.25
@@ -264,30 +262,11 @@ def _dimension(organization: str, pointer: int, group: int) -> Dataset:
 
 def _header(sop_class: str, sop_uid: str, study_uid: str, series_uid: str, modality: str, number: int,
             description: str) -> Dataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.Modality = modality
-    ds.PatientName = "Phantom^Chest"
-    ds.PatientID = "PHANTOM"
+    ds = new_dataset(sop_class, sop_uid, study_uid, series_uid, modality)
     ds.PatientBirthDate = ""
     ds.PatientSex = "O"
-    ds.StudyDate = "20240101"
-    ds.StudyTime = "120000"
-    ds.AccessionNumber = ""
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = "1"
     ds.SeriesNumber = number
     ds.SeriesDescription = description
-    ds.Manufacturer = "pe-node tests"
     ds.ManufacturerModelName = "study factory"
     ds.DeviceSerialNumber = "1"
     ds.SoftwareVersions = "1"
