@@ -68,7 +68,7 @@ _C_STORE_RQ, _C_STORE_RSP, _C_ECHO_RQ, _C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8
 _MAX_ASSOCIATE_RQ = 1 << 20
 _MESSAGE = "a message"
 _REQUEST = "the A-ASSOCIATE-RQ"
-_PLACEHOLDER_AE = "PE_NODE"
+_STAND_IN_AE = "PE_NODE"
 # Each fragment costs a fixed amount of work, so a message's fragments must carry 256 bytes each on average (after
 # 16 free ones): no sender splits that finely (DCMTK's smallest PDU is 4 KiB), and 1-byte fragments stop at once.
 _FREE_FRAGMENTS, _MIN_AVERAGE_FRAGMENT = 16, 256
@@ -288,7 +288,8 @@ class IncomingAssociation:
         return encoded[:10] + request.titles + encoded[42:]
 
     def _negotiate_contexts(self, request: AssociateRequest) -> tuple[bytes, dict[int, PresentationContext]]:
-        """The A-ASSOCIATE-AC (with placeholder AE titles) and the accepted contexts by ID, from pynetdicom."""
+        """The A-ASSOCIATE-AC (with stand-in AE titles, replaced per association) and the accepted contexts by ID,
+        from pynetdicom."""
         proposed = [_pynetdicom_context(cx) for cx in request.contexts if cx.abstract_syntax and cx.transfer_syntaxes]
         roles: dict[UID, tuple[bool | None, bool | None]] = {UID(uid): role for uid, role in request.roles.items()}
         results, role_replies = negotiate_as_acceptor(proposed, list(self.settings.contexts), roles)
@@ -298,7 +299,7 @@ class IncomingAssociation:
         accepted = {cx.context_id: cx for cx in answered if cx.result == 0x00 and cx.context_id is not None}
         accept = A_ASSOCIATE()
         accept.application_context_name = UID(APPLICATION_CONTEXT)
-        accept.calling_ae_title = accept.called_ae_title = _PLACEHOLDER_AE
+        accept.calling_ae_title = accept.called_ae_title = _STAND_IN_AE
         accept.result = 0x00
         accept.result_source = 0x01
         accept.presentation_context_definition_results_list = answered
