@@ -183,7 +183,7 @@ class Worker:
                 if self.config.study.analyse == "best":
                     return plan
             else:
-                plan.failures[id(stack)] = refusal
+                plan.failures[stack] = refusal
                 if self.config.study.analyse == "all":  # every usable stack gets its report, a refusal too
                     plan.analyses.append(Analysis(stack, series, refusal))
                 log.info("study %s: %s not analysed: %s", view.study_instance_uid, stack.describe(), refusal.detail)
@@ -374,17 +374,17 @@ class Analysis:
 @dataclass
 class Plan:
     """What a job reports (``analyses``), which standing reports it keeps (``kept``), and why ranked stacks
-    failed the checks after loading (``failures``, by ``id`` of the stack)."""
+    failed the checks after loading (``failures``)."""
 
     analyses: list[Analysis] = field(default_factory=list)
     kept: list[Stack] = field(default_factory=list)
-    failures: dict[int, NotAnalysed] = field(default_factory=dict)
+    failures: dict[Stack, NotAnalysed] = field(default_factory=dict)
 
 
 def _nothing_usable(view: StudyView, choice: Choice, plan: Plan) -> Analysis:
     """One "not analysed" report for a study none of whose stacks could be analysed: the one stack's own reason, or
     each stack and why."""
-    failed = [(stack, plan.failures[id(stack)]) for stack in choice.ranked if id(stack) in plan.failures]
+    failed = [(stack, plan.failures[stack]) for stack in choice.ranked if stack in plan.failures]
     why = [*choice.dropped, *failed]
     if not why:
         raise RuntimeError(f"study {view.study_instance_uid}: no stack to weigh and none analysed")

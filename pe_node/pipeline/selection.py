@@ -10,7 +10,7 @@ series 3 (1.25 mm, 120 slices) was analysed").
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pydicom.uid import UID
@@ -77,9 +77,9 @@ def choose(stacks: Sequence[Stack], rules: Sequence[SelectionRule], series: Seri
     return Choice(ranked, dropped)
 
 
-def explain(stack: Stack, choice: Choice, analysed: Sequence[Stack], failures: dict[int, NotAnalysed]) -> str:
+def explain(stack: Stack, choice: Choice, analysed: Sequence[Stack], failures: Mapping[Stack, NotAnalysed]) -> str:
     """Why ``stack`` was not analysed: its dropping rule, its failed check, or the better stack, and what was."""
-    reason = choice.why(stack) or failures.get(id(stack))
+    reason = choice.why(stack) or failures.get(stack)
     text = reason.detail if reason is not None else (_lost_to(stack, analysed[0]) if analysed else "ranked lower")
     tail = f"{analysed[0].describe()} was analysed" if analysed else "no series of the study could be analysed"
     return f"{text}; {tail}"

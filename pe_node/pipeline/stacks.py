@@ -80,9 +80,12 @@ class Image:
     problems: tuple[str, ...] = ()
 
 
-@dataclass
+@dataclass(eq=False)
 class Stack:
-    """The slices of one volume of a series, sorted along the slice normal, and what selection rules look at."""
+    """The slices of one volume of a series, sorted along the slice normal, and what selection rules look at.
+
+    Stacks compare and hash by identity: each is one volume read from the store, and selection and the worker keep
+    per-stack outcomes in dictionaries keyed by them."""
 
     series_instance_uid: str
     study_instance_uid: str
