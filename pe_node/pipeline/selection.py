@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydicom.uid import UID
 
@@ -41,12 +41,17 @@ REFORMAT_TYPES = frozenset({
 })
 
 
+Preference = Callable[[Stack], tuple[float | int, ...]]
+"""A prefer rule as a sort key of stacks: smaller is better."""
+
+
 @dataclass(frozen=True)
 class Choice:
     """The stacks left after the required rules, best first, and each dropped stack with why."""
 
     ranked: list[Stack]
     dropped: list[tuple[Stack, NotAnalysed]]
+    preferences: list[tuple[str, Preference]] = field(default_factory=list)
 
     @property
     def best(self) -> Stack | None:
@@ -60,11 +65,11 @@ def choose(stacks: Sequence[Stack], rules: Sequence[SelectionRule], series: Seri
     """Apply ``rules`` in order to ``stacks`` (all the stacks of one study)."""
     remaining = sorted(stacks, key=_study_order)
     dropped: list[tuple[Stack, NotAnalysed]] = []
-    preferences: list[Callable[[Stack], tuple[float | int, ...]]] = []
+    preferences: list[tuple[str, Preference]] = []
     suitability = SuitabilityRules.of(series)
     for rule in rules:
         if rule.rule.startswith("prefer_"):
-            preferences.append(_preference(rule))
+            preferences.append((rule.rule, _preference(rule)))
             continue
         kept = []
         for stack, reason in _required(rule, remaining, series, suitability):
@@ -73,14 +78,15 @@ def choose(stacks: Sequence[Stack], rules: Sequence[SelectionRule], series: Seri
             else:
                 dropped.append((stack, reason))
         remaining = kept
-    ranked = sorted(remaining, key=lambda s: tuple(p(s) for p in preferences))
-    return Choice(ranked, dropped)
+    ranked = sorted(remaining, key=lambda s: tuple(key(s) for _, key in preferences))
+    return Choice(ranked, dropped, preferences)
 
 
 def explain(stack: Stack, choice: Choice, analysed: Sequence[Stack], failures: Mapping[Stack, NotAnalysed]) -> str:
     """Why ``stack`` was not analysed: its dropping rule, its failed check, or the better stack, and what was."""
     reason = choice.why(stack) or failures.get(stack)
-    text = reason.detail if reason is not None else (_lost_to(stack, analysed[0]) if analysed else "ranked lower")
+    text = reason.detail if reason is not None else (_lost_to(stack, analysed[0], choice) if analysed else
+                                                     "ranked lower")
     tail = f"{analysed[0].describe()} was analysed" if analysed else "no series of the study could be analysed"
     return f"{text}; {tail}"
 
@@ -157,7 +163,7 @@ def _thickness(rule: MaxThicknessRule, stacks: list[Stack]) -> list[tuple[Stack,
         for s in stacks]
 
 
-def _preference(rule: SelectionRule) -> Callable[[Stack], tuple[float | int, ...]]:
+def _preference(rule: SelectionRule) -> Preference:
     """A sort key (smaller is better) for a prefer rule."""
     if rule.rule == "prefer_original":
         return lambda s: (0 if s.image_type[:1] == ("ORIGINAL",) else 1,)
@@ -181,17 +187,20 @@ def kernel_class(kernel: str, rule: PreferKernelRule) -> int:
     return 1
 
 
-def _lost_to(stack: Stack, best: Stack) -> str:
-    """The first preference on which ``stack`` is worse than ``best``, in words."""
-    if stack.image_type[:1] != ("ORIGINAL",) and best.image_type[:1] == ("ORIGINAL",):
-        return f"derived ({_joined(stack.image_type[:3])})"
-    if (stack.thickness or 0) > (best.thickness or 0) + 1e-3:
-        return f"a {stack.thickness:.3g} mm reconstruction"
-    if len(stack.slices) < len(best.slices):
-        return f"fewer slices ({len(stack.slices)})"
-    if stack.kernel != best.kernel:
-        return f"kernel {stack.kernel or 'unknown'}"
+def _lost_to(stack: Stack, best: Stack, choice: Choice) -> str:
+    """The first configured preference on which ``stack`` ranks below ``best``, in words."""
+    for name, key in choice.preferences:
+        if key(stack) > key(best):
+            return _LOST[name](stack)
     return "ranked lower"
+
+
+_LOST: dict[str, Callable[[Stack], str]] = {
+    "prefer_original": lambda s: f"derived ({_joined(s.image_type[:3])})",
+    "prefer_thinnest": lambda s: f"a {s.thickness:.3g} mm reconstruction" if s.thickness else "slice thickness unknown",
+    "prefer_most_slices": lambda s: f"fewer slices ({len(s.slices)})",
+    "prefer_kernel": lambda s: f"kernel {s.kernel or 'unknown'}",
+}
 
 
 def _joined(values: Sequence[str]) -> str:

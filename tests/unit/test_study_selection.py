@@ -75,6 +75,8 @@ def test_the_rules_are_the_configured_ones_in_their_order(study, tmp_path: Path)
     found = study_stacks(study, ("precontrast", "cta", "cta_thick", "mpr"))
     choice = choose([s for group in found.values() for s in group], rules, LIMITS)
     assert [s.series_instance_uid for s in choice.ranked][:2] == [study.series_uids["cta"], study.series_uids["mpr"]]
+    thick = found["cta_thick"][0]
+    assert explain(thick, choice, choice.ranked[:1], {}).startswith("fewer slices (16);"), "the rule it lost on"
     with pytest.raises(ValueError, match=r"rules\.0\.max_thickness\n.*fallback_mm \(2\.0\) must be at least mm"):
         StudyConfig.model_validate({"rules": [{"rule": "max_thickness", "mm": 3, "fallback_mm": 2}]})
 
