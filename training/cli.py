@@ -1,6 +1,6 @@
 """``pe-train``: synthetic phantoms, the preprocessed cache, both training stages, evaluation and export.
 
-    pe-train phantoms --out DIR --studies N [--seed S] [--size PX] [--slices A-B]
+    pe-train phantoms --out DIR --studies N [--seed S] [--size PX] [--slices A-B] [--family training|independent]
     pe-train prepare  --data DIR --cache DIR [--split-all test] [--size PX] [--crop body|none]
     pe-train stage1   --cache DIR --out RUN [--resume] [--epochs N] [--batch-size N] [--lr X] [--pretrained ...]
                       [--init CKPT]  (fine-tune a trained stage 1: a best.pt or a pe-node checkpoint)
@@ -46,6 +46,7 @@ from training.fitting.features import FeatureSet, extract_features
 from training.fitting.loop import best_summary
 from training.fitting.stage1 import train_stage1
 from training.fitting.stage2 import train_stage2
+from training.evalphantoms import study as independent
 from training.phantoms import generator as phantoms
 
 logger = logging.getLogger("pe-train")
@@ -76,7 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    phantoms.add_arguments(commands.add_parser("phantoms", help="write synthetic CTPA phantoms (RSPECT layout)"))
+    phantom_parser = commands.add_parser("phantoms", help="write synthetic CTPA phantoms (RSPECT layout)")
+    phantoms.add_arguments(phantom_parser)
+    phantom_parser.add_argument(
+        "--family", choices=("training", "independent"), default="training",
+        help="training: the randomised phantoms the model trains on (default); independent: the evaluation-only "
+        "family of another construction (training/evalphantoms: 512 px, 1-2 mm slices, trunk and lobar clots; "
+        "--slices A-B overrides its slice spacing for small sets)")
 
     prepare = commands.add_parser("prepare", help="preprocess an RSPECT-layout folder into a cache")
     prepare.add_argument("--data", type=Path, required=True, help="folder with train.csv and train/")
@@ -240,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "phantoms":
-        return phantoms.run(args)
+        return independent.run(args) if args.family == "independent" else phantoms.run(args)
     try:
         config = load_train_config(getattr(args, "config", None), _overrides(args))
     except TrainConfigError as error:
