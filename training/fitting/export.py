@@ -83,6 +83,7 @@ def _stage(state: TrainState, path: Path) -> dict[str, Any]:
         "world_size": state.inputs.get("world_size", 1),
         "config": state.config,
         **({"data": state.extra["data"]} if state.stage == "stage2" and "data" in state.extra else {}),
+        **({"label_prior": state.extra["label_prior"]} if "label_prior" in state.extra else {}),
         **({"init": state.extra["init"]} if "init" in state.extra else {}),
         **({key: state.extra[key] for key in ("average", "validation") if key in state.extra}),
         **({"code": state.extra["code"]} if "code" in state.extra else {}),
