@@ -178,6 +178,12 @@ def test_evaluate_reports_the_independent_family_beside_the_held_out_set(workspa
     report = (tmp_path / "report/report.md").read_text()
     assert "## Both phantom families side by side" in report and "# The independent, evaluation-only family" in report
     assert report.count("## Detection by location") == 2
+    _run("export", "--stage1", str(root / "stage1/best.pt"), "--stage2", str(tmp_path / "attention/best.pt"), "--out",
+         str(tmp_path / "both.pt"), "--evaluation", str(tmp_path / "report/metrics.json"))
+    kept = load_checkpoint(tmp_path / "both.pt").meta.provenance["evaluation"]
+    assert kept["family"] == "training" and kept["independent"]["family"] == "independent"
+    assert kept["independent"]["models"]["full"]["by_location"] == other["models"]["full"]["by_location"]
+    assert kept["independent"]["bootstrap"] == other["bootstrap"]
 
 
 def test_evaluate_scores_an_exported_model_as_it_is(workspace: Path, independent: Path, tmp_path: Path,
