@@ -1,6 +1,6 @@
 """``pe-train``: synthetic phantoms, the preprocessed cache, both training stages, evaluation and export.
 
-    pe-train phantoms --out DIR --studies N [--seed S] [--size PX] [--slices A-B]
+    pe-train phantoms --out DIR --studies N [--seed S] [--size PX] [--slices A-B] [--family training|independent]
     pe-train prepare  --data DIR --cache DIR [--split-all test] [--size PX] [--crop body|none]
     pe-train stage1   --cache DIR --out RUN [--resume] [--epochs N] [--batch-size N] [--lr X] [--pretrained ...]
                       [--init CKPT]  (fine-tune a trained stage 1: a best.pt or a pe-node checkpoint)
@@ -8,7 +8,7 @@
                       (the mean of several stage 1s of one lineage, validated side by side on a cache)
     pe-train features --stage1 RUN/best.pt --cache DIR --out DIR
     pe-train stage2   --features DIR --out RUN [--pooling attention|mean] [--resume] [--epochs N] ...
-    pe-train evaluate --features DIR --stage1 CKPT --stage2 CKPT [--baseline CKPT] --out DIR
+    pe-train evaluate --features DIR --stage1 CKPT --stage2 CKPT [--baseline CKPT] [--independent DIR] --out DIR
     pe-train export   --stage1 CKPT --stage2 CKPT --out models/pe-demo.pt [--evaluation DIR/metrics.json]
 
 Every command but ``phantoms`` and ``export`` reads the training config (``--config FILE``, YAML) with overrides
@@ -37,7 +37,8 @@ from training.config import (
     load_train_config,
     parse_override,
 )
-from training.evaluation.evaluate import evaluate
+from training.evalphantoms import study as independent
+from training.evaluation.evaluate import INDEPENDENT_FAMILY, evaluate
 from training.fitting.average import average_path, average_stage1, validation_table
 from training.fitting.cache import Cache, prepare
 from training.fitting.distributed import start, stop
@@ -76,7 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    phantoms.add_arguments(commands.add_parser("phantoms", help="write synthetic CTPA phantoms (RSPECT layout)"))
+    phantom_parser = commands.add_parser("phantoms", help="write synthetic CTPA phantoms (RSPECT layout)")
+    phantoms.add_arguments(phantom_parser)
+    phantom_parser.add_argument(
+        "--family", choices=("training", "independent"), default="training",
+        help="training: the randomised phantoms the model trains on (default); independent: the evaluation-only "
+        "family of another construction (training/evalphantoms: 512 px, 1-2 mm slices, trunk and lobar clots; "
+        "--slices A-B overrides its slice spacing for small sets)")
 
     prepare = commands.add_parser("prepare", help="preprocess an RSPECT-layout folder into a cache")
     prepare.add_argument("--data", type=Path, required=True, help="folder with train.csv and train/")
@@ -126,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="stage-1 checkpoint (baseline 1, CAMs; or a pe-node checkpoint)")
     evaluate.add_argument("--stage2", type=Path, required=True, help="stage-2 checkpoint with attention")
     evaluate.add_argument("--baseline", type=Path, help="stage-2 checkpoint trained with --pooling mean")
+    evaluate.add_argument("--independent", type=Path, metavar="FEATURES",
+                          help="features, by the same stage 1, of a cache of the evaluation-only phantom family "
+                          "(pe-train phantoms --family independent; every study): scored and reported beside the first")
     evaluate.add_argument("--out", type=Path, required=True, help="report folder")
     evaluate.add_argument("--split", choices=SPLITS, default="test", help="split to evaluate (default test)")
     evaluate.add_argument("--cam-examples", type=int, help="config evaluate.cam_examples")
@@ -201,26 +211,43 @@ def _average(args: argparse.Namespace, config: TrainConfig, command: list[str]) 
 def _evaluate(args: argparse.Namespace, config: TrainConfig, command: list[str]) -> None:
     if config.threads:
         torch.set_num_threads(config.threads)
+    independent = FeatureSet.open(args.independent) if args.independent is not None else None
     metrics = evaluate(FeatureSet.open(args.features), args.stage1, args.stage2, args.baseline, args.out,
-                       config.evaluate, args.split, resolve_device(config.device), config.seed, not args.quiet)
-    print(f"constant prediction: RSNA log loss {metrics['constant_baseline']['rsna_log_loss']:.4f}")
+                       config.evaluate, args.split, resolve_device(config.device), config.seed, not args.quiet,
+                       independent)
+    for family in (metrics, metrics.get(INDEPENDENT_FAMILY)):
+        if family is not None:
+            _print_family(family)
+    print(f"report: {args.out / 'report.md'}")
+
+
+def _print_family(metrics: dict[str, Any]) -> None:
+    """The headline numbers of one evaluated set, as ``evaluate`` wrote them."""
+    print(f"{metrics['family']} family: {metrics['studies']} studies")
+    constant = metrics["constant_baseline"]["rsna_log_loss"]
+    if constant is not None:
+        print(f"  constant prediction: RSNA log loss {constant:.4f}")
     intervals = metrics.get("bootstrap", {}).get("models", {})
     for name, result in metrics["models"].items():
         pe_auc, bounds = result["study_pe_auc"], intervals.get(name, {}).get("study_pe_auc")
-        print(f"{result['title']}: study PE AUC {'n/a' if pe_auc is None else f'{pe_auc:.3f}'}"
+        print(f"  {result['title']}: study PE AUC {'n/a' if pe_auc is None else f'{pe_auc:.3f}'}"
               + (f" (95 % CI {bounds[0]:.3f}-{bounds[1]:.3f})" if bounds else "")
               + f", RSNA log loss {result['rsna_log_loss']:.4f}, study PE accuracy {result['study_pe_accuracy']:.3f}")
         reading = result["node_reading"]
         if reading["sensitivity"] is not None and reading["specificity"] is not None:
-            print(f"  as pe-node would report it: positive studies read present {reading['sensitivity']:.3f}, "
-                  f"negative studies read absent {reading['specificity']:.3f}")
+            print(f"    as pe-node would report it: positive studies read present {reading['sensitivity']:.3f}, "
+                  f"negative studies read absent {reading['specificity']:.3f}; detected "
+                  + ", ".join(f"{where} {found['detected']} of {found['studies']}"
+                              for where, found in result["by_location"].items() if found["studies"]))
+        fixed = result["sensitivity_at_specificity"]
+        if fixed["sensitivity"] is not None:
+            print(f"    sensitivity at specificity >= {fixed['specificity']:.2f}: {fixed['sensitivity']:.3f}")
     for name, result in metrics.get("bootstrap", {}).get("full_against", {}).items():
         difference, bounds = result["study_pe_auc_difference"], result["study_pe_auc_difference_ci"]
         if difference is not None and bounds is not None:
-            print(f"full model minus {metrics['models'][name]['title'].split(':')[0]}: study PE AUC {difference:+.3f} "
-                  f"(95 % CI {bounds[0]:+.3f} to {bounds[1]:+.3f}), ahead in {result['share_full_ahead']:.0%} "
-                  "of the resamples")
-    print(f"report: {args.out / 'report.md'}")
+            print(f"  full model minus {metrics['models'][name]['title'].split(':')[0]}: study PE AUC "
+                  f"{difference:+.3f} (95 % CI {bounds[0]:+.3f} to {bounds[1]:+.3f}), ahead in "
+                  f"{result['share_full_ahead']:.0%} of the resamples")
 
 
 def _export(args: argparse.Namespace, config: TrainConfig, command: list[str]) -> None:
@@ -240,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "phantoms":
-        return phantoms.run(args)
+        return independent.run(args) if args.family == "independent" else phantoms.run(args)
     try:
         config = load_train_config(getattr(args, "config", None), _overrides(args))
     except TrainConfigError as error:

@@ -1,44 +1,41 @@
 #!/usr/bin/env bash
-# Train demo weights from synthetic CTPA phantoms: every step of the model card (models/README.md), timed.
+# Train demo weights from synthetic CTPA phantoms and evaluate them on both phantom families, every step timed.
 #
 #   training/demo.sh [WORK]        (WORK: where data, caches, runs and the report go; default runs/demo)
 #
+# The shipped weights (models/README.md) are this script with a trained stage 1 to start from:
+#   CONFIG=training/configs/finetune-cpu.yaml INIT=start.pt OUT=models/pe-demo.pt training/demo.sh runs/demo
+# Without INIT, stage 1 trains from the config's backbone weights (demo.yaml: random weights on two CPU cores, far
+# weaker weights; demo-gpu.yaml with WORKERS=16 on one CUDA GPU).
+#
 # Environment: CONFIG (training/configs/demo.yaml), OUT (WORK/pe-demo.pt; OUT=models/pe-demo.pt replaces the
-# shipped weights), STUDIES (stage-1 training phantoms, 1000), STAGE1_SEED (their seed, 0), STAGE2_STUDIES (stage-2
-# training phantoms, 800), TEST_STUDIES (held-out phantoms, 400), WORKERS (phantom-writing processes, 2), INIT (a
-# trained stage 1, a best.pt or a pe-node checkpoint, that stage 1 fine-tunes instead of starting from the config's
-# backbone weights; none by default), STAGE1_CHECKPOINT (the stage-1 checkpoint that features, evaluate and export
-# take: best.pt, the default, or last.pt), STAGE1_OPTIONS (more options for `pe-train stage1`, on one line, split at
-# spaces with no quoting, e.g. "--set stage1.epochs=5 --set stage1.max_minutes=null" to train the epochs a time
-# budget gave on another machine; --init goes in INIT), AVERAGE (stage-1 checkpoints, split at spaces, that
-# `pe-train average` averages with this run's best.pt and last.pt, in that order; features, evaluate and export then
-# take the average, WORK/average/best.pt; none by default), PE_TRAIN (the pe-train command).
-# Stage 2 learns from the embeddings of studies stage 1 never saw (a second phantom set, seed 3): on the embeddings
-# of stage 1's own training studies it learns how stage 1 behaves on studies it was fitted to, not on new ones.
-# The shipped weights started from `CONFIG=training/configs/demo-gpu.yaml WORKERS=16` on one GPU (about nine
-# minutes of stage 1 and data on an H200); demo.yaml, the default, is the same recipe with the time budget of two
-# CPU cores (about 100 minutes from nothing, weaker weights). A CUDA GPU is used when present (device: auto). The
-# same commands train on the real RSNA-STR data set: point `prepare --data` at it instead of the phantoms and raise
-# the sizes in the config.
-# The stage 1 shipped now is the mean of five checkpoints of the last three of five fine-tunings of that GPU stage 1
-# on two CPU cores; from the file shipped before (commit fe734df), the last fine-tuning, the mean and all after it are
-#   git show fe734df:models/pe-demo.pt > pe-demo-before.pt
-#   CONFIG=training/configs/finetune-cpu.yaml INIT=pe-demo-before.pt STUDIES=1000 STAGE1_SEED=10 \
-#   STAGE1_OPTIONS="--set stage1.epochs=6 --set stage1.max_minutes=null" \
-#   AVERAGE="runs/finetune3/stage1/best.pt runs/finetune4/stage1/best.pt runs/finetune4/stage1/last.pt" \
-#   training/demo.sh runs/finetune5
-# (about 110 minutes on the two bf16 cores that ran it; the third and fourth fine-tunings' runs come first, and
-# models/README.md has their commands and the earlier ones).
+# shipped weights), STUDIES (stage-1 phantoms, 600), STAGE1_SEED (their seed, 11), STAGE1_SLICES (their slice counts,
+# 40-90), STAGE2_STUDIES (stage-2 phantoms, seed 3, 320), TEST_STUDIES (held-out phantoms of the training family,
+# seed 1, 280), SLICES (the slice counts of those two sets, 40-120), INDEPENDENT_STUDIES (the evaluation-only family,
+# seed 2027, 72), WORKERS (phantom-writing processes, 2), INIT (a trained stage 1, a best.pt or a pe-node checkpoint,
+# that stage 1 fine-tunes; none by default), STAGE1_CHECKPOINT (the stage-1 checkpoint that features, evaluate and
+# export take: best.pt, the default, or last.pt), STAGE1_OPTIONS (more options for `pe-train stage1`, on one line,
+# split at spaces with no quoting, e.g. "--set stage1.epochs=5 --set stage1.max_minutes=null" to train the epochs a
+# time budget gave on another machine; --init goes in INIT), AVERAGE (stage-1 checkpoints, split at spaces, that
+# `pe-train average` averages with this run's best.pt and last.pt; features, evaluate and export then take the
+# average, WORK/average/best.pt; none by default), PE_TRAIN (the pe-train command).
+# Stage 2 learns from the embeddings of studies stage 1 never saw (a second phantom set): on stage 1's own training
+# studies it would learn how stage 1 behaves on studies it was fitted to, not on new ones. The independent family is
+# only evaluated: nothing is trained, selected or thresholded on it. A CUDA GPU is used when present (device: auto).
+# The same commands train on the real RSNA-STR data set: point `prepare --data` at it instead of the phantoms.
 set -euo pipefail
 
 WORK=${1:-runs/demo}
 CONFIG=${CONFIG:-training/configs/demo.yaml}
 OUT=${OUT:-$WORK/pe-demo.pt}
 PE_TRAIN=${PE_TRAIN:-pe-train}
-STUDIES=${STUDIES:-1000}
-STAGE1_SEED=${STAGE1_SEED:-0}
-STAGE2_STUDIES=${STAGE2_STUDIES:-800}
-TEST_STUDIES=${TEST_STUDIES:-400}
+STUDIES=${STUDIES:-600}
+STAGE1_SEED=${STAGE1_SEED:-11}
+STAGE1_SLICES=${STAGE1_SLICES:-40-90}
+STAGE2_STUDIES=${STAGE2_STUDIES:-320}
+TEST_STUDIES=${TEST_STUDIES:-280}
+SLICES=${SLICES:-40-120}
+INDEPENDENT_STUDIES=${INDEPENDENT_STUDIES:-72}
 WORKERS=${WORKERS:-2}
 INIT=${INIT:-}
 read -r -a stage1_options <<<"${STAGE1_OPTIONS:-}"
@@ -84,21 +81,22 @@ phantoms() {
     if [ -f "$out/train.csv" ]; then
         echo "== $name: $out already written" >&2
     else
-        step "$name" "$PE_TRAIN" phantoms --out "$out" "$@"
+        step "$name" "$PE_TRAIN" phantoms --out "$out" --workers "$WORKERS" --quiet "$@"
     fi
 }
 
-phantoms phantoms-train "$WORK/phantoms-train" --studies "$STUDIES" --seed "$STAGE1_SEED" --size 256 \
-    --slices 60-120 --workers "$WORKERS" --quiet
-phantoms phantoms-stage2 "$WORK/phantoms-stage2" --studies "$STAGE2_STUDIES" --seed 3 --size 256 \
-    --slices 60-120 --workers "$WORKERS" --quiet
-phantoms phantoms-test "$WORK/phantoms-test" --studies "$TEST_STUDIES" --seed 1 --size 256 \
-    --slices 60-120 --workers "$WORKERS" --quiet
+phantoms phantoms-train "$WORK/phantoms-train" --studies "$STUDIES" --seed "$STAGE1_SEED" --slices "$STAGE1_SLICES"
+phantoms phantoms-stage2 "$WORK/phantoms-stage2" --studies "$STAGE2_STUDIES" --seed 3 --slices "$SLICES"
+phantoms phantoms-test "$WORK/phantoms-test" --studies "$TEST_STUDIES" --seed 1 --slices "$SLICES"
+phantoms phantoms-independent "$WORK/phantoms-independent" --studies "$INDEPENDENT_STUDIES" --seed 2027 \
+    --family independent
 step prepare-train "$PE_TRAIN" prepare --config "$CONFIG" --data "$WORK/phantoms-train" --cache "$WORK/cache-train"
 step prepare-stage2 "$PE_TRAIN" prepare --config "$CONFIG" --data "$WORK/phantoms-stage2" \
     --cache "$WORK/cache-stage2"
-step prepare-test "$PE_TRAIN" prepare --config "$CONFIG" --data "$WORK/phantoms-test" --cache "$WORK/cache-test" \
-    --split-all test
+for held_out in test independent; do
+    step "prepare-$held_out" "$PE_TRAIN" prepare --config "$CONFIG" --data "$WORK/phantoms-$held_out" \
+        --cache "$WORK/cache-$held_out" --split-all test
+done
 if [ -n "$INIT" ]; then
     stage1_options+=(--init "$INIT")
 fi
@@ -110,16 +108,16 @@ if [ ${#average[@]} -gt 0 ]; then
         "$WORK/stage1/best.pt" "$WORK/stage1/last.pt"
     STAGE1="$WORK/average/best.pt"
 fi
-step features-stage2 "$PE_TRAIN" features --config "$CONFIG" --stage1 "$STAGE1" \
-    --cache "$WORK/cache-stage2" --out "$WORK/features-stage2"
-step features-test "$PE_TRAIN" features --config "$CONFIG" --stage1 "$STAGE1" \
-    --cache "$WORK/cache-test" --out "$WORK/features-test"
+for set in stage2 test independent; do
+    step "features-$set" "$PE_TRAIN" features --config "$CONFIG" --stage1 "$STAGE1" --cache "$WORK/cache-$set" \
+        --out "$WORK/features-$set"
+done
 step stage2-attention "$PE_TRAIN" stage2 --config "$CONFIG" --features "$WORK/features-stage2" \
     --out "$WORK/stage2-attention"
 step stage2-mean "$PE_TRAIN" stage2 --config "$CONFIG" --features "$WORK/features-stage2" --out "$WORK/stage2-mean" \
     --pooling mean
 step evaluate "$PE_TRAIN" evaluate --config "$CONFIG" --features "$WORK/features-test" \
-    --stage1 "$STAGE1" --stage2 "$WORK/stage2-attention/best.pt" \
+    --independent "$WORK/features-independent" --stage1 "$STAGE1" --stage2 "$WORK/stage2-attention/best.pt" \
     --baseline "$WORK/stage2-mean/best.pt" --out "$WORK/report"
 step export "$PE_TRAIN" export --stage1 "$STAGE1" --stage2 "$WORK/stage2-attention/best.pt" \
     --out "$OUT" --evaluation "$WORK/report/metrics.json" \

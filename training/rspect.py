@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -103,6 +103,14 @@ def check_labels(row: Mapping[str, int]) -> list[str]:
         if present:
             problems.append(f"no PE on any slice but {', '.join(present)} set")
     return problems
+
+
+def write_table(path: Path, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """Write a CSV table (``train.csv`` with ``RSPECT_COLUMNS``, or a phantom set's own table) whole or not at all."""
+    with storage.replacing(path) as partial, open(partial, "w", newline="") as stream:
+        writer = csv.writer(stream, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(rows)
 
 
 def read_rspect(root: Path, *, csv_name: str = "train.csv", images: str = "train", check_files: bool = True,

@@ -28,13 +28,14 @@ from pe_node.model.checkpoint import file_sha256
 from pe_node.pipeline.series import load_series
 from training.cli import main
 from training.config import Stage1Config
+from training.evalphantoms.study import generate as generate_independent
 from training.fitting.cache import Cache, training_share
 from training.fitting.distributed import Processes
 from training.fitting.export import stage1_record
 from training.fitting.features import FeatureSet
 from training.fitting.loop import Optimization
 from training.fitting.stage1 import mine_hard_negatives, validate_encoder
-from training.fitting.state import StateError, load_state, save_state
+from training.fitting.state import load_state, save_state
 from training.rspect import read_rspect
 
 CONFIG = {
@@ -67,6 +68,20 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, phantom_train_dir: Path,
     for cache in ("cache", "heldout"):
         _run("features", "--config", config, "--stage1", str(root / "stage1/best.pt"), "--cache", str(root / cache),
              "--out", str(root / f"features-{cache}"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def independent(tmp_path_factory: pytest.TempPathFactory, workspace: Path) -> Path:
+    """Six tiny studies of the evaluation-only family (64 px, 10-14 slices; one clot in each place), prepared and
+    embedded by the workspace's stage 1."""
+    root = tmp_path_factory.mktemp("independent")
+    generate_independent(root / "phantoms", 6, 3, 64, (10, 14), progress=False)
+    config = str(workspace / "train.yaml")
+    _run("prepare", "--config", config, "--data", str(root / "phantoms"), "--cache", str(root / "cache"),
+         "--split-all", "test")
+    _run("features", "--config", config, "--stage1", str(workspace / "stage1/best.pt"), "--cache", str(root / "cache"),
+         "--out", str(root / "features"))
     return root
 
 
@@ -136,6 +151,59 @@ def test_pipeline_trains_evaluates_and_exports_a_checkpoint_pe_node_serves(works
     series = load_series(study.images[0].path.parent)
     prediction = Predictor.from_checkpoint(root / "pe-test.pt", device="cpu").predict(series, cam_slices=1)
     assert len(prediction.image) == len(series) and check(prediction.exam, prediction.image) == []
+
+
+def test_evaluate_reports_the_independent_family_beside_the_held_out_set(workspace: Path, independent: Path,
+                                                                          tmp_path: Path) -> None:
+    config, root = str(workspace / "train.yaml"), workspace
+    _run("stage2", "--config", config, "--features", str(root / "features-cache"), "--out", str(tmp_path / "attention"),
+         "--epochs", "2")
+    _run("evaluate", "--config", config, "--features", str(root / "features-heldout"), "--stage1",
+         str(root / "stage1/best.pt"), "--stage2", str(tmp_path / "attention/best.pt"), "--independent",
+         str(independent / "features"), "--out", str(tmp_path / "report"), "--set", "evaluate.cam_examples=0")
+    metrics = json.loads((tmp_path / "report/metrics.json").read_text())
+    other = metrics["independent"]
+    assert metrics["family"] == "training" and metrics["studies"] == 5
+    assert other["family"] == "independent" and other["studies"] == 6 and other["data"]["phantoms"] is True
+    assert set(other["models"]) == {"full", "baseline_cnn"}
+    for result in (*metrics["models"].values(), *other["models"].values()):
+        located = result["by_location"]
+        assert set(located) == {"central", "left", "right"}
+        assert all(0 <= place["detected"] <= place["studies"] for place in located.values())
+        assert result["sensitivity_at_specificity"]["specificity"] == 0.9
+    assert {place: found["studies"] for place, found in other["models"]["full"]["by_location"].items()} == {
+        "central": 1, "left": 1, "right": 1}
+    assert "sensitivity_at_specificity" in other["bootstrap"]["models"]["full"]
+    assert "roc_models_independent.png" in metrics["figures"]
+    report = (tmp_path / "report/report.md").read_text()
+    assert "## Both phantom families side by side" in report and "# The independent, evaluation-only family" in report
+    assert report.count("## Detection by location") == 2
+    _run("export", "--stage1", str(root / "stage1/best.pt"), "--stage2", str(tmp_path / "attention/best.pt"), "--out",
+         str(tmp_path / "both.pt"), "--evaluation", str(tmp_path / "report/metrics.json"))
+    kept = load_checkpoint(tmp_path / "both.pt").meta.provenance["evaluation"]
+    assert kept["family"] == "training" and kept["independent"]["family"] == "independent"
+    assert kept["independent"]["models"]["full"]["by_location"] == other["models"]["full"]["by_location"]
+    assert kept["independent"]["bootstrap"] == other["bootstrap"]
+
+
+def test_evaluate_scores_an_exported_model_as_it_is(workspace: Path, independent: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    config, root = str(workspace / "train.yaml"), workspace
+    _run("stage2", "--config", config, "--features", str(root / "features-cache"), "--out", str(tmp_path / "stage2"),
+         "--epochs", "1")
+    _run("export", "--stage1", str(root / "stage1/best.pt"), "--stage2", str(tmp_path / "stage2/best.pt"), "--out",
+         str(tmp_path / "model.pt"))
+    _run("features", "--config", config, "--stage1", str(tmp_path / "model.pt"), "--cache",
+         str(independent / "cache"), "--out", str(tmp_path / "features"))
+    _run("evaluate", "--config", config, "--features", str(tmp_path / "features"), "--stage1",
+         str(tmp_path / "model.pt"), "--stage2", str(tmp_path / "model.pt"), "--out", str(tmp_path / "report"), "--set",
+         "evaluate.cam_examples=0")
+    metrics = json.loads((tmp_path / "report/metrics.json").read_text())
+    assert metrics["studies"] == 6 and metrics["constant_baseline"]["rsna_log_loss"] is not None  # prevalences kept
+    refused = ["evaluate", "--quiet", "--config", config, "--features", str(independent / "features"), "--stage1",
+               str(tmp_path / "model.pt"), "--stage2", str(tmp_path / "model.pt"), "--out", str(tmp_path / "refused")]
+    assert main(refused) == 1  # the embeddings of another stage 1 (FeaturesError)
+    assert "were made by stage-1 checkpoint" in capsys.readouterr().err
 
 
 def test_export_refuses_a_stage2_trained_on_another_stage1(workspace: Path, tmp_path: Path) -> None:
@@ -224,8 +292,11 @@ def test_stage2_trains_again_behind_the_stage1_of_an_exported_checkpoint(workspa
     _run("export", "--stage1", str(root / "stage1/best.pt"), "--stage2", str(tmp_path / "first/best.pt"), "--out",
          str(tmp_path / "shipped.pt"))
     shipped = load_checkpoint(tmp_path / "shipped.pt")
-    with pytest.raises(StateError, match="stands in for a stage1 checkpoint only"):
-        load_state(tmp_path / "shipped.pt", "stage2")
+    exported_stage2 = load_state(tmp_path / "shipped.pt", "stage2")  # what evaluate scores an exported model with
+    sequence = shipped.model.sequence.state_dict()
+    assert all(torch.equal(exported_stage2.weights[name], sequence[name].float()) for name in sequence)
+    assert exported_stage2.inputs["stage1_sha256"] == file_sha256(tmp_path / "shipped.pt")
+    assert exported_stage2.extra["label_prior"] == load_state(tmp_path / "first/best.pt", "stage2").extra["label_prior"]
 
     # The exported file is the stage 1 of features, of a new stage 2 and of a new export.
     _run("features", "--config", config, "--stage1", str(tmp_path / "shipped.pt"), "--cache", str(root / "cache"),

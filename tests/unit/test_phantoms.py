@@ -30,7 +30,7 @@ from training.phantoms.generator import (
     slice_geometry,
     slice_range,
 )
-from training.phantoms.lesions import EMBOLUS_VISIBLE_MM2, covered_pixels
+from training.phantoms.lesions import EMBOLUS_VISIBLE_MM2, LesionKind, covered_pixels
 from training.rspect import RSPECT_COLUMNS, STUDY_COLUMNS, check_labels
 
 SEED = 3
@@ -138,19 +138,23 @@ def test_workers_make_the_same_files_as_one_process(tmp_path: Path) -> None:
     assert _hashes(tmp_path / "one") == _hashes(tmp_path / "two")
 
 
-def test_pe_present_on_image_marks_exactly_the_slices_where_an_embolus_shows() -> None:
+def test_pe_present_on_image_marks_exactly_the_slices_where_an_embolus_shows_on_half_their_planes() -> None:
     plan = plan_study(SEED, _first(SEED, ExamClass.POSITIVE), (40, 50), 128)
     area = plan.grid.spacing**2
     shown = []
     for i in range(plan.slices):
-        rendered = render_slice(plan, i, noise=False)
-        z = float(plan.anatomy_z[i])
-        largest = max(covered_pixels(lesion.cover(plan.chest.tubes, plan.grid, z), lesion.kind)
-                      for lesion in plan.lesions if lesion.kind.is_embolus)
-        shown.append(largest * area >= EMBOLUS_VISIBLE_MM2)
+        seen = 0
+        for offset in plan.planes:
+            z = float(plan.anatomy_z[i] + offset)
+            largest = max(covered_pixels(lesion.cover(plan.chest.tubes, plan.grid, z), lesion.kind)
+                          for lesion in plan.lesions if lesion.kind.is_embolus)
+            seen += largest * area >= EMBOLUS_VISIBLE_MM2
+        shown.append(2 * seen >= len(plan.planes))
         if shown[-1]:
-            assert rendered.embolus.sum() >= largest
-            assert 20.0 <= float(rendered.hu[rendered.embolus].mean()) <= 70.0
+            rendered = render_slice(plan, i, noise=False)
+            assert rendered.embolus.any()
+            # The defect, averaged through the slice with whatever lies beside it, is darker than the contrast.
+            assert float(rendered.hu[rendered.embolus].mean()) < plan.chest.enhancement.pulmonary_artery - 20.0
     assert shown == list(plan.pe_present) and any(shown)
     assert plan.labels["negative_exam_for_pe"] == 0
     negative = plan_study(SEED, _first(SEED, ExamClass.NEGATIVE), (40, 50), 128)
@@ -187,8 +191,8 @@ def test_dicom_files_are_ct_images_with_plausible_hounsfield_units(phantom_set: 
         assert ds.SOPClassUID == CTImageStorage and ds.Modality == "CT"
         assert ds.SOPInstanceUID == row["SOPInstanceUID"]
         assert (ds.Rows, ds.Columns) == (SIZE, SIZE)
-        assert 300.0 <= float(ds.PixelSpacing[0]) * SIZE <= 470.0
-        assert 1.0 <= float(ds.SliceThickness) <= 2.5
+        assert 0.55 * 512 - 0.01 <= float(ds.PixelSpacing[0]) * SIZE <= 0.95 * 512 + 0.01
+        assert 0.6 <= float(ds.SliceThickness) <= 3.0
         assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
         assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation) == (16, 16, 15, 1)
         assert (float(ds.RescaleIntercept), float(ds.RescaleSlope), ds.RescaleType) == (-1024.0, 1.0, "HU")
@@ -200,7 +204,7 @@ def test_dicom_files_are_ct_images_with_plausible_hounsfield_units(phantom_set: 
         assert int(ds.InstanceNumber) == plan.instance_numbers[i]
     steps = np.diff(positions)
     assert np.all(steps > 0) or np.all(steps < 0)
-    assert np.allclose(steps, steps[0], atol=0.01)
+    assert np.allclose(steps, steps[0], atol=0.01) and 0.6 - 0.01 <= abs(steps[0]) <= 3.0 + 0.01
 
 
 def _hu(plan_index: int, slice_index: int, out: Path) -> np.ndarray:
@@ -231,7 +235,7 @@ def test_lungs_are_near_minus_850_and_the_pulmonary_trunk_is_over_200_hu(
     start, end = tubes.start[t], tubes.end[t]
     point = start + (plan.anatomy_z[i] - start[2]) / (end[2] - start[2]) * (end - start)
     col, row = round((point[0] - grid.x0) / grid.spacing), round((point[1] - grid.y0) / grid.spacing)
-    assert plan.chest.enhancement.pulmonary_artery >= 250.0
+    assert plan.chest.enhancement.pulmonary_artery >= 180.0
     assert float(_hu(index, i, out)[row, col]) > 200.0
 
 
@@ -318,3 +322,45 @@ def test_series_encoder_writes_the_bytes_dcmwrite_writes(tmp_path: Path) -> None
         assert encoder.encode(f"1.2.3.{i}", where, stored) == (tmp_path / "reference.dcm").read_bytes()
     with pytest.raises(ValueError, match="InstanceNumber"):
         SeriesEncoder(slice_dataset(series, "1.2.3", slice_geometry(plan, 0), stored))
+
+
+def test_each_study_draws_its_rendering_from_wide_ranges() -> None:
+    plans = [plan_study(7, i, (20, 40)) for i in range(60)]
+    sizes = [p.grid.size for p in plans]
+    assert set(sizes) == {512, 384, 256} and sizes.count(512) > len(plans) / 2
+    for p in plans:
+        assert 0.55 * 512 - 0.01 <= p.grid.spacing * p.grid.size <= 0.95 * 512 + 0.01
+        assert 0.6 <= p.slice_thickness <= 3.0 and 0.6 - 1e-6 <= abs(p.anatomy_z[1] - p.anatomy_z[0]) <= 3.0 + 1e-6
+        assert len(p.planes) == max(1, round(p.slice_thickness)) and abs(p.planes.mean()) < 1e-9
+        assert 8.0 <= p.noise_sigma <= 45.0
+    thickness = [p.slice_thickness for p in plans]
+    assert min(thickness) < 1.0 and max(thickness) > 2.5
+    diagnostic = [p.chest.enhancement.pulmonary_artery for p in plans if not p.labels["qa_contrast"]]
+    assert min(diagnostic) < 250.0 and max(diagnostic) > 450.0 and min(diagnostic) >= 180.0
+    assert {p.noise_texture for p in plans} == {"white", "grain", "band"}
+    assert any(p.sharpen for p in plans) and not all(p.sharpen for p in plans)
+    assert any(p.streaks for p in plans) and any(p.chest.arm_mm for p in plans)
+    acute = [lesion for p in plans for lesion in p.lesions if lesion.kind is LesionKind.ACUTE]
+    assert min(lesion.hu for lesion in acute) < 35.0 and max(lesion.hu for lesion in acute) > 75.0
+    assert any(lesion.fraction > 1.0 for lesion in acute) and any(lesion.fraction < 0.5 for lesion in acute)
+    assert any(lesion.taper > 6.0 for lesion in acute) and any(lesion.offset > 0.2 for lesion in acute)
+
+
+def test_a_study_too_short_to_cover_the_chest_is_a_slab_through_the_pulmonary_bifurcation() -> None:
+    slabs = 0
+    for i in range(20):
+        plan = plan_study(4, i, (12, 16), 64)
+        spacing = abs(plan.anatomy_z[1] - plan.anatomy_z[0])
+        if spacing * (plan.slices - 1) < plan.chest.lung_height:
+            tubes = plan.chest.tubes
+            trunk = (tubes.kind == TubeKind.ARTERY) & (tubes.order == 0) & (tubes.side == 0)
+            bifurcation = tubes.end[trunk, 2].max()
+            assert plan.anatomy_z.min() - 4.0 <= bifurcation <= plan.anatomy_z.max() + 4.0  # breathing moves a few mm
+            slabs += 1
+    assert slabs > 5
+
+
+def test_a_studys_drawn_look_is_the_same_for_the_same_seed() -> None:
+    first, again = plan_study(9, 3, (10, 12)), plan_study(9, 3, (10, 12))
+    assert first.grid == again.grid and first.slice_thickness == again.slice_thickness
+    assert np.array_equal(render_slice(first, 0).hu, render_slice(again, 0).hu)

@@ -26,8 +26,10 @@ from training.evaluation.metrics import (
     constant_predictions,
     interval,
     resampled_auc,
+    resampled_sensitivity_at_specificity,
     rsna_log_loss,
     rsna_log_loss_terms,
+    sensitivity_at_specificity,
     stratified_resamples,
 )
 from training.evaluation.predictions import Predictions
@@ -309,3 +311,17 @@ def test_by_kind_scores_each_kind_of_positive_study_against_the_studies_without_
     assert f"| chronic PE only (5) | {result['chronic']['study_pe_auc']:.3f} |" in report
     assert f"| chronic PE only (5) | {result['chronic']['read_present']} of 5 |" in report
     assert f"| acute PE only (12) | {result['acute']['image_auc']:.3f} |" in report
+
+
+def test_sensitivity_at_specificity_takes_the_threshold_that_keeps_nine_negatives_in_ten_below_it() -> None:
+    negatives = np.arange(10) / 10.0  # 0.0 .. 0.9: the ninth lowest, 0.8, is the threshold
+    positives = np.array([0.85, 0.95, 0.5, 0.81])
+    labels = np.r_[np.zeros(10), np.ones(4)]
+    scores = np.r_[negatives, positives]
+    assert sensitivity_at_specificity(labels, scores, 0.9) == pytest.approx(0.75)
+    assert sensitivity_at_specificity(labels, scores, 0.5) == pytest.approx(1.0)  # 0.4: the 0.5 one is above too
+    assert sensitivity_at_specificity(np.ones(3), [0.1, 0.2, 0.3]) is None
+    draws = stratified_resamples(labels, 50, 0)
+    resampled = resampled_sensitivity_at_specificity(labels, scores, draws, 0.9)
+    assert resampled.shape == (50,) and np.all((resampled >= 0) & (resampled <= 1))
+    assert resampled_sensitivity_at_specificity(labels, scores, np.arange(14)[None], 0.9)[0] == pytest.approx(0.75)

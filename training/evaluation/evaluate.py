@@ -13,7 +13,17 @@ PE AUC (the study head's ``pe_score``; baseline 1: the highest image probability
 the constant-prediction baseline (training prevalences, from the stage-2 checkpoint), and accuracy at 0.5; with
 ``evaluate.bootstrap`` resamples (default 2000), 95 % intervals of the study PE AUC and the log loss, and the full
 model's paired differences from each baseline. Each kind of positive study (acute only, chronic only, acute and
-chronic) is also scored on its own against the studies without PE (``by_kind``).
+chronic) is also scored on its own against the studies without PE (``by_kind``), and each place of emboli (central,
+left, right) by how many of its studies pe-node's report reads present (``by_location``); the sensitivity of the
+study PE score at a specificity of 0.90 is reported with its interval.
+
+With ``independent`` (``--independent``) the same models are scored the same way on every study of a second features
+folder, made by the same stage 1 from a cache of the evaluation-only phantom family (``training.evalphantoms``), and
+the report sets both families side by side: the training family's held-out studies say how well the model learned
+its own generator, the independent family how much of that was the generator.
+
+An exported pe-node checkpoint stands in for both ``--stage1`` and ``--stage2`` (its own encoder and sequence model,
+on features made with ``--stage1`` that file), so shipped weights are scored as they are.
 Figures and the markdown summary are drawn by ``training.evaluation.figures`` and ``training.evaluation.report``.
 """
 
@@ -54,8 +64,10 @@ from training.evaluation.metrics import (
     constant_predictions,
     interval,
     resampled_auc,
+    resampled_sensitivity_at_specificity,
     rsna_log_loss,
     rsna_log_loss_terms,
+    sensitivity_at_specificity,
     stratified_resamples,
 )
 from training.evaluation.predictions import Predictions
@@ -93,41 +105,28 @@ def evaluate(
     device: torch.device | str = "cpu",
     seed: int = 0,
     progress: bool = True,
+    independent: FeatureSet | None = None,
 ) -> dict[str, Any]:
-    """Evaluate on ``split`` of the features' cache; write metrics.json, report.md and the figures to ``out``."""
-    studies = features.split(split)
-    if len(studies) < MIN_STUDIES:
-        raise ValueError(f"evaluate: split {split!r} of {features.cache.root} has {len(studies)} studies; "
-                         f"at least {MIN_STUDIES} are needed")
+    """Evaluate on ``split`` of the features' cache and, with ``independent``, on every study of a second phantom
+    family's features (the evaluation-only family, embedded by the same stage 1); write metrics.json, report.md and
+    the figures to ``out``."""
     stage1_state = load_state(stage1, "stage1")
-    features.check_stage1(file_sha256(stage1), f"stage-1 checkpoint {stage1}")
     states = {FULL: load_state(stage2, "stage2")}
     if baseline is not None:
         states[BASELINE_MEAN] = load_state(baseline, "stage2")
-    for name, state in states.items():
-        features.check_stage1(state.inputs["stage1_sha256"], f"{TITLES[name]} ({state.inputs.get('features')})")
-    predictions = {name: predict_sequence(features, studies, stage1_state, state, device, progress)
-                   for name, state in states.items()}
-    predictions[BASELINE_CNN] = predict_cnn(features, studies, stage1_state)
-    prior = states[FULL].extra["label_prior"]
-    exam_y = np.stack([s.exam for s in studies])
-    image_y = [s.image.astype(np.float64) for s in studies]
-    constant_exam, constant_image = constant_predictions(np.array(prior["exam"]), prior["image"],
-                                                         [s.slices for s in studies])
+    sha = file_sha256(stage1)
+    sets = [(features, split)] + ([(independent, "test")] if independent is not None else [])
+    for evaluated, _ in sets:
+        evaluated.check_stage1(sha, f"stage-1 checkpoint {stage1}")
+        for name, state in states.items():
+            evaluated.check_stage1(state.inputs["stage1_sha256"], f"{TITLES[name]} ({state.inputs.get('features')})")
     out.mkdir(parents=True, exist_ok=True)
+    metrics, predictions, studies = score_set(features, split, stage1_state, states, config, device, seed, progress)
+    metrics["family"] = TRAINING_FAMILY
+    metrics["checkpoints"] = {"stage1": str(stage1), "stage2": str(stage2),
+                              "baseline": str(baseline) if baseline else None}
     source = _source(features, needed=config.cam_examples > 0)
-    phantoms = _is_phantom(source, studies)
-    metrics: dict[str, Any] = {
-        "split": split,
-        "studies": len(studies),
-        "data": {**features.cache.describe(), "phantoms": phantoms},
-        "checkpoints": {"stage1": str(stage1), "stage2": str(stage2), "baseline": str(baseline) if baseline else None},
-        "constant_baseline": {"rsna_log_loss": rsna_log_loss(constant_exam, exam_y, constant_image, image_y),
-                              "exam_prior": prior["exam"], "image_prior": prior["image"]},
-        "models": {name: {"title": TITLES[name], **score(p, studies)} for name, p in predictions.items()},
-    }
-    if config.bootstrap:
-        metrics["bootstrap"] = bootstrap(predictions, studies, config.bootstrap, seed)
+    metrics["data"]["phantoms"] = _is_phantom(source, studies)
     figures = [
         draw_roc_labels(out / "roc_labels.png", predictions[FULL], studies, TITLES[FULL]),
         draw_roc_models(out / "roc_models.png", {TITLES[n]: p.pe for n, p in predictions.items()},
@@ -138,11 +137,62 @@ def evaluate(
     if source is not None:
         figures += draw_cams(out, source, studies, build_model(stage1_state, states[FULL]),
                              features.cache.preprocess, predictions[FULL], config.cam_examples, device)
+    if independent is not None:
+        other, other_predictions, other_studies = score_set(independent, "test", stage1_state, states, config, device,
+                                                            seed, progress)
+        other["family"] = INDEPENDENT_FAMILY
+        other["data"]["phantoms"] = _is_phantom(_source(independent, needed=False), other_studies)
+        figures.append(draw_roc_models(out / "roc_models_independent.png",
+                                       {TITLES[n]: p.pe for n, p in other_predictions.items()},
+                                       [s.exam_class == "positive" for s in other_studies]))
+        metrics[INDEPENDENT_FAMILY] = other
     metrics["figures"] = [path.name for path in figures]
     write_json(out / "metrics.json", metrics)
     write_report(out / "report.md", metrics)
-    logger.info("evaluation of %d studies written to %s", len(studies), out)
+    logger.info("evaluation of %d studies%s written to %s", len(studies),
+                f" and {metrics[INDEPENDENT_FAMILY]['studies']} of the independent family" if independent else "", out)
     return metrics
+
+
+TRAINING_FAMILY, INDEPENDENT_FAMILY = "training", "independent"
+"""The names of the two phantom families in metrics.json: the held-out studies of the family the model trained on,
+and the evaluation-only family of another construction (``training.evalphantoms``)."""
+
+
+def score_set(features: FeatureSet, split: str, stage1: TrainState, states: dict[str, TrainState],
+              config: EvaluateConfig, device: torch.device | str, seed: int,
+              progress: bool) -> tuple[dict[str, Any], dict[str, Predictions], list[CachedStudy]]:
+    """Every model on ``split`` of one features folder: the metrics (models, constant baseline, bootstrap), each
+    model's predictions and the studies."""
+    studies = features.split(split)
+    if len(studies) < MIN_STUDIES:
+        raise ValueError(f"evaluate: split {split!r} of {features.cache.root} has {len(studies)} studies; "
+                         f"at least {MIN_STUDIES} are needed")
+    predictions = {name: predict_sequence(features, studies, stage1, state, device, progress)
+                   for name, state in states.items()}
+    predictions[BASELINE_CNN] = predict_cnn(features, studies, stage1)
+    metrics: dict[str, Any] = {
+        "split": split,
+        "studies": len(studies),
+        "data": {**features.cache.describe()},
+        "constant_baseline": _constant(states[FULL].extra.get("label_prior"), studies),
+        "models": {name: {"title": TITLES[name], **score(p, studies)} for name, p in predictions.items()},
+    }
+    if config.bootstrap:
+        metrics["bootstrap"] = bootstrap(predictions, studies, config.bootstrap, seed)
+    return metrics, predictions, studies
+
+
+def _constant(prior: dict[str, Any] | None, studies: list[CachedStudy]) -> dict[str, Any]:
+    """The constant-prediction baseline from the training prevalences (none for an exported model whose file does
+    not record them)."""
+    if prior is None:
+        return {"rsna_log_loss": None, "exam_prior": None, "image_prior": None}
+    exam_y = np.stack([s.exam for s in studies])
+    image_y = [s.image.astype(np.float64) for s in studies]
+    exam, image = constant_predictions(np.array(prior["exam"]), prior["image"], [s.slices for s in studies])
+    return {"rsna_log_loss": rsna_log_loss(exam, exam_y, image, image_y), "exam_prior": prior["exam"],
+            "image_prior": prior["image"]}
 
 
 def predict_sequence(features: FeatureSet, studies: list[CachedStudy], stage1: TrainState, stage2: TrainState,
@@ -253,6 +303,25 @@ def by_kind(predictions: Predictions, studies: list[CachedStudy]) -> dict[str, A
     return result
 
 
+LOCATIONS = {"central": "central_pe", "left": "leftsided_pe", "right": "rightsided_pe"}
+"""Where a positive study's emboli lie, by the RSPECT label that says so."""
+SPECIFICITY = 0.9
+"""The specificity at which ``score`` reports the sensitivity of the study PE score."""
+
+
+def by_location(predictions: Predictions, studies: list[CachedStudy]) -> dict[str, Any]:
+    """Detection by where the emboli lie: for each location (central, left, right) the positive studies with that
+    label and how many of them pe-node's report reads present (a slice above 0.5, the RSNA rule). A study with
+    emboli in two places counts in both."""
+    result: dict[str, Any] = {}
+    for name, label in LOCATIONS.items():
+        members = [i for i, s in enumerate(studies) if s.exam_class == "positive" and s.labels[label]]
+        detected = sum(predictions.reading[i] == "present" for i in members)
+        result[name] = {"studies": len(members), "detected": detected,
+                        "rate": detected / len(members) if members else None}
+    return result
+
+
 def score(predictions: Predictions, studies: list[CachedStudy]) -> dict[str, Any]:
     """The numbers of one model: AUCs, losses, accuracies and the consistency check."""
     exam_y = np.stack([s.exam for s in studies])
@@ -266,6 +335,9 @@ def score(predictions: Predictions, studies: list[CachedStudy]) -> dict[str, Any
     remaining = sum(bool(check(e, i)) for e, i in zip(predictions.exam, predictions.image, strict=True))
     return {
         "study_pe_auc": auc(positive, predictions.pe),
+        "sensitivity_at_specificity": {"specificity": SPECIFICITY,
+                                       "sensitivity": sensitivity_at_specificity(positive, predictions.pe,
+                                                                                 SPECIFICITY)},
         "study_pe_accuracy": accuracy(positive, predictions.pe),
         "rsna_log_loss": rsna_log_loss(predictions.exam, exam_y, predictions.image, image_y),
         "rsna_log_loss_raw": rsna_log_loss(predictions.exam_raw, exam_y, predictions.image_raw, image_y),
@@ -274,6 +346,7 @@ def score(predictions: Predictions, studies: list[CachedStudy]) -> dict[str, Any
         "mean_label_accuracy": float(np.mean([accuracies[label] for label in EXAM_LABELS])),
         "node_reading": node_reading(predictions, studies),
         "by_kind": by_kind(predictions, studies),
+        "by_location": by_location(predictions, studies),
         "consistency": {"studies_breaking_rules_before": predictions.violations,
                         "studies_breaking_rules_after": remaining, "studies": len(studies)},
     }
@@ -303,6 +376,8 @@ def bootstrap(predictions: dict[str, Predictions], studies: list[CachedStudy], r
                 "sensitivity": interval((present & positive[draws]).sum(axis=1) / positive[draws].sum(axis=1), LEVEL),
                 "specificity": interval((absent & negative[draws]).sum(axis=1) / negative[draws].sum(axis=1), LEVEL),
                 "reported_pe_auc": interval(resampled_auc(positive, p.reported, draws), LEVEL),
+                "sensitivity_at_specificity": interval(
+                    resampled_sensitivity_at_specificity(positive, p.pe, draws, SPECIFICITY), LEVEL),
             }
         aucs[name] = resampled_auc(positive, p.pe, draws)
         point_auc[name] = auc(positive, p.pe)

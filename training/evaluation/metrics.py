@@ -142,3 +142,33 @@ def interval(values: np.ndarray, level: float = 0.95) -> list[float] | None:
         return None
     tail = (1.0 - level) / 2 * 100
     return [float(v) for v in np.percentile(values, [tail, 100 - tail])]
+
+
+def sensitivity_at_specificity(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray,
+                               specificity: float = 0.9) -> float | None:
+    """The highest sensitivity at a threshold that keeps at least ``specificity`` of the negatives below it: the
+    positives scoring above the ceil(specificity x negatives)-th lowest negative score; ``None`` without both
+    classes."""
+    labels = np.asarray(labels, dtype=np.float64).reshape(-1) > 0.5
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if labels.shape != scores.shape:
+        raise ValueError(f"sensitivity_at_specificity: {labels.size} labels but {scores.size} scores")
+    if labels.all() or not labels.any():
+        return None
+    return float(resampled_sensitivity_at_specificity(labels, scores, np.arange(labels.size)[None], specificity)[0])
+
+
+def resampled_sensitivity_at_specificity(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray,
+                                         resamples: np.ndarray, specificity: float = 0.9) -> np.ndarray:
+    """``sensitivity_at_specificity`` of each resample ([B, N] indices that keep the class counts, as
+    ``stratified_resamples`` draws them)."""
+    labels = np.asarray(labels, dtype=np.float64).reshape(-1) > 0.5
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y, s = labels[resamples], scores[resamples]
+    positives = int(y[0].sum())
+    negatives = y.shape[1] - positives
+    if positives == 0 or negatives == 0:
+        return np.full(len(resamples), np.nan)
+    ordered = np.sort(np.where(y, np.inf, s), axis=1)[:, :negatives]
+    threshold = ordered[:, int(np.ceil(specificity * negatives - 1e-9)) - 1]
+    return ((s > threshold[:, None]) & y).sum(axis=1) / positives

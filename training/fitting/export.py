@@ -83,6 +83,7 @@ def _stage(state: TrainState, path: Path) -> dict[str, Any]:
         "world_size": state.inputs.get("world_size", 1),
         "config": state.config,
         **({"data": state.extra["data"]} if state.stage == "stage2" and "data" in state.extra else {}),
+        **({"label_prior": state.extra["label_prior"]} if "label_prior" in state.extra else {}),
         **({"init": state.extra["init"]} if "init" in state.extra else {}),
         **({key: state.extra[key] for key in ("average", "validation") if key in state.extra}),
         **({"code": state.extra["code"]} if "code" in state.extra else {}),
@@ -91,16 +92,24 @@ def _stage(state: TrainState, path: Path) -> dict[str, Any]:
 
 
 def _evaluation(path: Path) -> dict[str, Any]:
+    """The headline numbers of an evaluation's metrics.json: of the training family's held-out set and, if it was
+    evaluated, of the independent family (``independent``)."""
     metrics = json.loads(Path(path).read_text())
+    return {"report": str(path), **_headline(metrics),
+            **({"independent": _headline(metrics["independent"])} if "independent" in metrics else {})}
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
     return {
-        "report": str(path),
+        "family": metrics.get("family"),
         "split": metrics["split"],
         "studies": metrics["studies"],
         "phantoms": metrics["data"].get("phantoms"),
         "constant_baseline_rsna_log_loss": metrics["constant_baseline"]["rsna_log_loss"],
         "models": {
             name: {key: result[key] for key in ("title", "study_pe_auc", "rsna_log_loss", "study_pe_accuracy",
-                                                "mean_label_accuracy", "auc", "node_reading") if key in result}
+                                                "mean_label_accuracy", "auc", "node_reading", "by_location",
+                                                "sensitivity_at_specificity", "by_kind") if key in result}
             for name, result in metrics["models"].items()
         },
         **({"bootstrap": metrics["bootstrap"]} if "bootstrap" in metrics else {}),

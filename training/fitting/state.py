@@ -17,7 +17,8 @@ Beside them the run folder holds ``config.yaml`` (the resolved config) and ``met
 
 Where a stage-1 checkpoint is asked for, a pe-node checkpoint (``pe-train export``'s output, such as the shipped
 ``models/pe-demo.pt``) serves too: its encoder, preprocessing and the provenance of its stage 1. So stage 2 can be
-trained again, on other studies, behind a stage 1 that was exported long ago.
+trained again, on other studies, behind a stage 1 that was exported long ago. Where a stage-2 checkpoint is asked
+for, the same file gives its sequence model, so that ``pe-train evaluate`` scores an exported model as it is.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 
 from pe_node import storage
 from pe_node.model import PEModel, create_model, load_checkpoint
-from pe_node.model.checkpoint import CHECKPOINT_FORMAT, CheckpointError, save_atomically
+from pe_node.model.checkpoint import CHECKPOINT_FORMAT, CheckpointError, file_sha256, save_atomically
 
 STATE_FORMAT = "pe-train-state"
 
@@ -79,10 +80,7 @@ def load_state(path: Path, stage: str | None = None) -> TrainState:
     except Exception as error:  # the file boundary: torch raises many kinds here
         raise StateError(f"training checkpoint {path}: cannot be read ({str(error).splitlines()[0][:200]})") from None
     if isinstance(data, dict) and data.get("format") == CHECKPOINT_FORMAT:
-        if stage not in (None, "stage1"):
-            raise StateError(f"training checkpoint {path}: is a pe-node checkpoint, which stands in for a stage1 "
-                             f"checkpoint only; {stage} needs a pe-train {stage} best.pt or last.pt")
-        return _stage1_of_checkpoint(path)
+        return _stage2_of_checkpoint(path) if stage == "stage2" else _stage1_of_checkpoint(path)
     if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
         marker = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise StateError(
@@ -123,6 +121,29 @@ def _stage1_of_checkpoint(path: Path) -> TrainState:
         extra={"data": provenance.get("data") or {}, "backbone_weights": provenance.get("backbone_weights") or {},
                # The stage's own commit only: the checkpoint's top-level one is where it was exported, not trained.
                "stage1_provenance": stage1, "code": stage1.get("code")},
+    )
+
+
+def _stage2_of_checkpoint(path: Path) -> TrainState:
+    """The stage 2 of a pe-node checkpoint as a training state, to evaluate an exported model: the sequence model's
+    float32 weights, behind the checkpoint's own stage 1 (its embeddings are those of ``pe-train features --stage1``
+    with the same file), and the training prevalences its provenance records (none in a file exported before they
+    were recorded)."""
+    try:
+        loaded = load_checkpoint(path)
+    except CheckpointError as error:
+        raise StateError(str(error)) from None
+    stage2 = loaded.meta.provenance.get("stage2")
+    stage2 = stage2 if isinstance(stage2, dict) else {}
+    return TrainState(
+        stage="stage2",
+        model_name=loaded.meta.model_name,
+        model_config=loaded.meta.model_config.to_dict(),
+        preprocess=loaded.preprocess.to_dict(),
+        weights={name: tensor.float().clone() for name, tensor in loaded.model.sequence.state_dict().items()},
+        config=stage2.get("config") or {},
+        inputs={"checkpoint": str(path.resolve()), "stage1_sha256": file_sha256(path), "features": str(path)},
+        extra={"label_prior": stage2.get("label_prior"), "pooling": loaded.meta.model_config.to_dict().get("pooling")},
     )
 
 

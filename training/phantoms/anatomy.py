@@ -22,8 +22,8 @@ from scipy import ndimage
 AIR_HU = -1000.0
 # Lungs keep this far (mm) from the pericardium.
 HEART_MARGIN = 3.0
-# Vessel trees per lung grown from each hilum, like the ten bronchopulmonary segments.
-SEGMENTAL_ROOTS = 9
+# Vessel trees per lung grown from each hilum, like the ten bronchopulmonary segments: drawn per chest from these.
+SEGMENTAL_ROOTS = (7, 11)
 # Vessels thinner than this (mm radius) are not grown: at 0.6-0.9 mm pixels they would be a single grey pixel.
 MIN_VESSEL_RADIUS = 0.7
 
@@ -433,7 +433,8 @@ class Chest:
     ``rib_spacing`` apart from ``rib_top`` down, ``rib_drop`` lower in front. ``rv_lv_ratio`` is the ratio of the
     right to the left ventricular cavity's widest diameter across the septum, the measurement behind the RSPECT
     rv_lv_ratio labels. ``dependent_opacity`` is the share of the cavity's depth, from the back, where the lungs
-    are dense (dependent atelectasis); 0 for none. ``tissue`` holds the HU of the unenhanced tissues.
+    are dense (dependent atelectasis); 0 for none. ``tissue`` holds the HU of the unenhanced tissues. ``arm_mm`` is the
+    radius of the arms lying beside the chest (0: raised out of the field of view, as usual for a CTPA).
     """
 
     body_a: float
@@ -463,6 +464,7 @@ class Chest:
     tissue: dict[str, float]
     lung_texture_seed: int
     dependent_opacity: float
+    arm_mm: float = 0.0
     # Empty until build_chest grows them: growing needs the chest's lung_mask.
     tubes: Tubes = field(default_factory=lambda: _TubeList().freeze())
     _grids: dict[Grid, _SliceBase] = field(default_factory=dict, repr=False)
@@ -592,6 +594,15 @@ class _SliceBase:
         image[(y >= flat_back) & (y < flat_back + 4.0) & (np.abs(x) < 0.9 * chest.body_a)] = -800.0  # the mattress
         image[(y >= flat_back + 4.0) & (y < flat_back + 7.0) & (np.abs(x) < 1.1 * chest.body_a)] = 150.0  # the table
         image[body & ~wall] = tissue["fat"]
+        if chest.arm_mm:
+            for side in (-1.0, 1.0):
+                cx, cy, r = side * (chest.body_a + chest.arm_mm + 6.0), chest.body_y, chest.arm_mm
+                arm = ((x - cx) / r) ** 2 + ((y - cy) / (0.85 * r)) ** 2
+                bone = (x - cx - side * 0.1 * r) ** 2 + (y - cy) ** 2
+                image[arm <= 1.0] = tissue["fat"]
+                image[arm <= 0.75] = tissue["muscle"]
+                image[bone <= (0.26 * r) ** 2] = tissue["cortex"]
+                image[bone <= (0.17 * r) ** 2] = tissue["cancellous"] - 150.0
         image[wall & ~self.cavity] = tissue["muscle"]
         image[self.cavity] = tissue["mediastinum"]
         self.image = image
@@ -631,10 +642,10 @@ def _lung_texture(seed: int, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
 def build_chest(rng: np.random.Generator, *, rv_lv_ratio: float, enhancement: Enhancement) -> Chest:
     """Draw one patient's chest: anatomy from the ranges of adult CT, the heart's right ventricle ``rv_lv_ratio``
     times as wide as the left, and blood and tissue attenuation from ``enhancement``."""
-    cavity_a = rng.uniform(105.0, 150.0)
-    cavity_b = cavity_a * rng.uniform(0.6, 0.75)
-    body_y = rng.uniform(12.0, 18.0)
-    fat_mm = rng.uniform(5.0, 30.0) * (cavity_a / 130.0)
+    cavity_a = rng.uniform(95.0, 160.0)
+    cavity_b = cavity_a * rng.uniform(0.58, 0.78)
+    body_y = rng.uniform(10.0, 20.0)
+    fat_mm = rng.uniform(3.0, 45.0) * (cavity_a / 130.0)
     muscle_mm = rng.uniform(10.0, 18.0)
     body_a = cavity_a + fat_mm + muscle_mm
     body_b = cavity_b + body_y + fat_mm + muscle_mm
@@ -661,6 +672,7 @@ def build_chest(rng: np.random.Generator, *, rv_lv_ratio: float, enhancement: En
         heart=heart, heart_parts=heart_parts,
         enhancement=enhancement, tissue=tissue, lung_texture_seed=int(rng.integers(2**31)),
         dependent_opacity=float(rng.choice([0.0, 0.0, 0.0, rng.uniform(0.08, 0.2)])),
+        arm_mm=float(rng.uniform(35.0, 50.0)) if rng.random() < 0.2 else 0.0,
     )
     chest.tubes = _draw_tubes(rng, chest, heart_geometry)
     return chest
@@ -737,7 +749,7 @@ def _draw_tubes(rng: np.random.Generator, chest: Chest, heart: _HeartGeometry) -
     ca, cb, height = chest.cavity_a, chest.cavity_b, chest.lung_height
     top = height + 40.0
     bottom = -60.0
-    bifurcation_z = heart.rv_outflow[2] + rng.uniform(28.0, 38.0)
+    bifurcation_z = heart.rv_outflow[2] + rng.uniform(22.0, 45.0)
     carina_z = bifurcation_z + rng.uniform(2.0, 10.0)
     arch_z = bifurcation_z + rng.uniform(28.0, 40.0)
     wall = dict(wall_mm=1.5, wall_hu=45.0)
@@ -765,29 +777,33 @@ def _draw_tubes(rng: np.random.Generator, chest: Chest, heart: _HeartGeometry) -
     tubes.chain([carina, (-0.25 * ca, trachea_y + 5.0, carina_z - 22.0)], 6.5, **airway)
     tubes.chain([carina, (0.22 * ca, trachea_y + 12.0, carina_z - 40.0)], 5.5, **airway)
     # Pulmonary trunk and main pulmonary arteries.
-    trunk_r = rng.uniform(12.0, 15.0) * (1.0 + 0.25 * max(chest.rv_lv_ratio - 1.0, 0.0))
+    trunk_r = rng.uniform(10.0, 17.0) * (1.0 + 0.25 * max(chest.rv_lv_ratio - 1.0, 0.0))
     bifurcation = (0.08 * ca, -0.05 * cb, bifurcation_z)
     artery = dict(lumen_hu=e.pulmonary_artery, kind=TubeKind.ARTERY, wall_mm=1.0, wall_hu=45.0)
     trunk = tubes.chain([tuple(heart.rv_outflow), (0.1 * ca, -0.35 * cb, bifurcation_z - 22.0), bifurcation],
                         trunk_r, **artery)
-    main_r = trunk_r * rng.uniform(0.7, 0.8)
+    main_r = trunk_r * rng.uniform(0.62, 0.85)
     right_hilum = np.array([-0.36 * ca, 0.02 * cb, bifurcation_z - 18.0])
     left_hilum = np.array([0.36 * ca, 0.2 * cb, bifurcation_z - 10.0])
-    right_pa = tubes.chain([bifurcation, (-0.12 * ca, 0.05 * cb, bifurcation_z - 6.0), tuple(right_hilum)], main_r,
+    bend = rng.uniform(-8.0, 8.0, (2, 3))  # each main artery's course
+    right_pa = tubes.chain([bifurcation, tuple(np.array([-0.12 * ca, 0.05 * cb, bifurcation_z - 6.0]) + bend[0]),
+                            tuple(right_hilum)], main_r,
                            side=Side.RIGHT, parent=int(trunk[-1]), **artery)
-    left_pa = tubes.chain([bifurcation, (0.2 * ca, 0.1 * cb, bifurcation_z + 6.0), tuple(left_hilum)],
+    left_pa = tubes.chain([bifurcation, tuple(np.array([0.2 * ca, 0.1 * cb, bifurcation_z + 6.0]) + bend[1]),
+                           tuple(left_hilum)],
                           main_r * 0.95, side=Side.LEFT, parent=int(trunk[-1]), **artery)
     artery_added = []
     for side, hilum, parent in ((Side.RIGHT, right_hilum, right_pa[-1]), (Side.LEFT, left_hilum, left_pa[-1])):
-        targets = _spread_targets(rng, chest, side, SEGMENTAL_ROOTS)
-        root_r = main_r / SEGMENTAL_ROOTS ** (1.0 / 3.0)
+        roots = int(rng.integers(SEGMENTAL_ROOTS[0], SEGMENTAL_ROOTS[1] + 1))
+        targets = _spread_targets(rng, chest, side, roots)
+        root_r = main_r / roots ** (1.0 / 3.0)
         roots = [(hilum, target, root_r * rng.uniform(0.9, 1.1), side, int(parent)) for target in targets]
         artery_added.append(_grow_tree(rng, chest, tubes, roots, lumen_hu=e.pulmonary_artery, kind=TubeKind.ARTERY,
                                        cap=1500))
     # Pulmonary veins: from the left atrium, an upper and a lower vein on each side, then trees of their own.
     la = heart.left_atrium
     for side in (Side.RIGHT, Side.LEFT):
-        targets = _spread_targets(rng, chest, side, SEGMENTAL_ROOTS)
+        targets = _spread_targets(rng, chest, side, int(rng.integers(SEGMENTAL_ROOTS[0], SEGMENTAL_ROOTS[1] + 1)))
         roots = []
         for target in targets:
             hilum = la + np.array([side * 20.0, 5.0, 10.0 if target[2] > la[2] else -8.0])
@@ -823,10 +839,11 @@ def _grow_tree(rng: np.random.Generator, chest: Chest, tubes: _TubeList,
                cap: int) -> np.ndarray:
     """Grow vessel trees from their roots (start, target, radius, side, parent) one generation at a time.
 
-    Each branch runs straight for 4-7 radii and ends inside the lung (a branch that would leave it turns back towards
-    its target, shorter, or ends). It splits into two children whose radii obey Murray's law (r^3 = r1^3 + r2^3), one
-    near the parent's direction and one at a wider angle; each child inherits its parent's target scattered by a
-    spread that shrinks with every generation and bends towards it, so each lobe's tree fans out over the lobe.
+    Each branch runs straight for some radii (drawn per tree from 3.5-5 to 6-8) and ends inside the lung (a branch
+    that would leave it turns back towards its target, shorter, or ends). It splits into two children whose radii
+    obey Murray's law (r^3 = r1^3 + r2^3), one near the parent's direction and one at a wider angle; each child
+    inherits its parent's target scattered by a spread that shrinks with every generation and bends towards it, so
+    each lobe's tree fans out over the lobe.
     Growth stops below MIN_VESSEL_RADIUS or at ``cap`` tubes.
     Returns the indices of the tubes it added.
     """
@@ -839,11 +856,12 @@ def _grow_tree(rng: np.random.Generator, chest: Chest, tubes: _TubeList,
     target = np.array([r[1] for r in roots], dtype=np.float64)
     order = np.ones(len(roots), dtype=np.int64)
     first_length = np.linalg.norm(np.array([r[1] for r in roots]) - start, axis=1) * 0.3
+    reach = (rng.uniform(3.5, 5.0), rng.uniform(6.0, 8.0))
     added: list[np.ndarray] = []
     total = 0
     while len(start) and total < cap:
         n = len(start)
-        length = first_length if total == 0 else np.clip(radius * rng.uniform(4.0, 7.0, n), 2.5, 25.0)
+        length = first_length if total == 0 else np.clip(radius * rng.uniform(*reach, n), 2.5, 25.0)
         end = start + length[:, None] * direction
         keep = chest.lung_mask(end[:, 0], end[:, 1], end[:, 2]) | (total == 0)
         for _ in range(3):  # a branch that would leave the lung turns back towards its lobe, shorter, or ends
@@ -865,7 +883,7 @@ def _grow_tree(rng: np.random.Generator, chest: Chest, tubes: _TubeList,
         small = np.cbrt(1.0 - big**3)
         across = _unit(rng.standard_normal((k, 3)))
         across = _unit(across - np.sum(across * direction, axis=1, keepdims=True) * direction)
-        narrow, wide = np.radians(rng.uniform(8.0, 28.0, k)), np.radians(rng.uniform(35.0, 70.0, k))
+        narrow, wide = np.radians(rng.uniform(5.0, 32.0, k)), np.radians(rng.uniform(30.0, 80.0, k))
         spread = 30.0 * 0.75 ** (order - 1)
         scatter = rng.normal(0.0, 1.0, (2 * k, 3)) * np.concatenate([spread, spread])[:, None]
         target = np.concatenate([target, target]) + scatter

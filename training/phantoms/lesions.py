@@ -1,10 +1,12 @@
 """Pulmonary emboli and their mimics: placed in a phantom chest's vessels and airways, drawn into its slices.
 
-An embolus is a low-attenuation filling defect (20-70 HU) inside a contrast-filled pulmonary artery, lodged at a point
+An embolus is a low-attenuation filling defect (20-90 HU) inside a contrast-filled pulmonary artery, lodged at a point
 of the arterial tree and running downstream (along the widest branch at each split) for its length:
 
-- acute: a defect in the middle of the lumen with contrast all round it (the polo-mint sign), or filling the lumen
-  (occlusive), with tapered ends;
+- acute: a defect of 35-90 % of the lumen's radius, in the middle of the lumen with contrast all round it (the
+  polo-mint sign) or set off against the wall (eccentric), or filling the lumen (occlusive); its ends blunt (a few
+  mm) or tapering over a third to a half of its length; a saddle embolus across the bifurcation into both main
+  arteries;
 - chronic: an eccentric crescent adherent to the wall, in an artery that is narrowed with all its branches; or a web,
   a thin band across the lumen.
 
@@ -107,6 +109,7 @@ class Lesion:
     one, the crescent's thickness over the lumen's diameter; for a web, the band's half-width over the lumen's radius;
     for a flow artefact, how far the lumen goes towards ``hu`` at its centre. ``direction`` is the side of the lumen
     the defect leans to (acute), adheres to (chronic) or the band's normal (web). ``blob`` is a lymph node or mass.
+    ``taper`` is how far (mm) from each end the defect reaches its full size.
     """
 
     kind: LesionKind
@@ -117,6 +120,7 @@ class Lesion:
     direction: tuple[float, float, float] = (1.0, 0.0, 0.0)
     offset: float = 0.0
     blob: Ellipsoid | None = None
+    taper: float = 4.0
 
     def cover(self, tubes: Tubes, grid: Grid, z: float) -> list[Cover]:
         """The pixels this lesion covers on the slice at height ``z``."""
@@ -145,7 +149,7 @@ class Lesion:
         n = np.asarray(self.direction) - np.dot(self.direction, frame.axis) * frame.axis
         n = n / max(float(np.linalg.norm(n)), 1e-9)
         across = frame.rx * n[0] + frame.ry * n[1] + frame.rz * n[2]
-        ends = np.clip(np.minimum(s, self.length - s) / min(4.0, self.length / 2), 0.0, 1.0) ** 0.5
+        ends = np.clip(np.minimum(s, self.length - s) / min(self.taper, self.length / 2), 0.0, 1.0) ** 0.5
         if self.kind is LesionKind.ACUTE:
             cx, cy, cz = n * self.offset * r
             off = np.sqrt((frame.rx - cx) ** 2 + (frame.ry - cy) ** 2 + (frame.rz - cz) ** 2)
@@ -225,18 +229,20 @@ def place_embolus(rng: np.random.Generator, chest: Chest, site: EmbolusSite, kin
     start = rng.uniform(0.0, 0.8) * float(tubes.lengths[tube])
     pieces = follow(tubes, tube, start, length)
     if kind is LesionKind.ACUTE:
-        occlusive = site is not EmbolusSite.CENTRAL and rng.random() < 0.3
-        fraction = rng.uniform(1.1, 1.4) if occlusive else rng.uniform(0.45, 0.85)
-        return Lesion(kind, rng.uniform(20.0, 55.0), pieces, length, fraction, _across(rng),
-                      offset=0.0 if occlusive else rng.uniform(0.0, 1.0 - fraction))
+        occlusive = rng.random() < (0.1 if site is EmbolusSite.CENTRAL else 0.3)
+        fraction = rng.uniform(1.05, 1.4) if occlusive else rng.uniform(0.35, 0.9)
+        taper = rng.uniform(0.3, 0.5) * length if rng.random() < 0.35 else rng.uniform(2.0, 5.0)
+        return Lesion(kind, rng.uniform(20.0, 90.0), pieces, length, fraction, _across(rng),
+                      offset=0.0 if occlusive else rng.uniform(0.0, 1.0 - fraction), taper=taper)
     tubes.radius[tubes.subtree(tube)] *= rng.uniform(0.65, 0.85)
     fraction = rng.uniform(0.15, 0.25) if kind is LesionKind.WEB else rng.uniform(0.2, 0.45)
-    return Lesion(kind, rng.uniform(40.0, 70.0), pieces, length, fraction, _across(rng))
+    return Lesion(kind, rng.uniform(35.0, 90.0), pieces, length, fraction, _across(rng))
 
 
 def place_saddle_embolus(rng: np.random.Generator, chest: Chest) -> Lesion:
-    """An occlusive acute embolus filling the pulmonary trunk and both main pulmonary arteries: the largest there is,
-    visible on any slice through the main arteries at any resolution."""
+    """A saddle embolus: an acute defect of 60-140 % of the lumen's radius (occlusive above 100 %) through the
+    pulmonary trunk and both main pulmonary arteries, the largest there is, visible on any slice through the main
+    arteries at any resolution."""
     tubes = chest.tubes
     central = (tubes.kind == TubeKind.ARTERY) & (tubes.order == 0)
     trunk = np.flatnonzero(central & (tubes.side == 0))
@@ -251,7 +257,8 @@ def place_saddle_embolus(rng: np.random.Generator, chest: Chest) -> Lesion:
             pieces.append(Piece(int(tube), 0.0, float(tubes.lengths[tube]), along))
             along += float(tubes.lengths[tube])
         longest = max(longest, along)
-    return Lesion(LesionKind.ACUTE, rng.uniform(20.0, 55.0), tuple(pieces), longest, 1.4, _across(rng))
+    return Lesion(LesionKind.ACUTE, rng.uniform(20.0, 90.0), tuple(pieces), longest, rng.uniform(0.6, 1.4),
+                  _across(rng))
 
 
 def place_flow_artifact(rng: np.random.Generator, chest: Chest) -> Lesion:
