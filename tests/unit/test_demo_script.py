@@ -18,8 +18,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "training" / "demo.sh"
-SETTINGS = {"CONFIG", "OUT", "PE_TRAIN", "STUDIES", "STAGE1_SEED", "STAGE2_STUDIES", "TEST_STUDIES", "WORKERS", "INIT",
-            "STAGE1_CHECKPOINT", "STAGE1_OPTIONS", "AVERAGE"}
+SETTINGS = {"CONFIG", "OUT", "PE_TRAIN", "STUDIES", "STAGE1_SEED", "STAGE1_SLICES", "STAGE2_STUDIES", "TEST_STUDIES",
+            "SLICES", "INDEPENDENT_STUDIES", "WORKERS", "INIT", "STAGE1_CHECKPOINT", "STAGE1_OPTIONS", "AVERAGE"}
 """What demo.sh reads from its environment: none may leak in from the one the tests run in."""
 
 
@@ -54,17 +54,22 @@ def test_the_default_recipe_trains_stage_1_from_the_configs_start_and_goes_on_fr
     result, calls = _run(tmp_path)
     assert result.returncode == 0, result.stderr
     work = tmp_path / "work"
-    assert [call[0] for call in calls] == ["phantoms"] * 3 + ["prepare"] * 3 + [
-        "stage1", "features", "features", "stage2", "stage2", "evaluate", "export"]
-    assert [_value(call, "--seed") for call in calls[:3]] == ["0", "3", "1"]
-    assert [_value(call, "--studies") for call in calls[:3]] == ["1000", "800", "400"], "the card's set sizes"
+    assert [call[0] for call in calls] == ["phantoms"] * 4 + ["prepare"] * 4 + [
+        "stage1", "features", "features", "features", "stage2", "stage2", "evaluate", "export"]
+    assert [_value(call, "--seed") for call in calls[:4]] == ["11", "3", "1", "2027"]
+    assert [_value(call, "--studies") for call in calls[:4]] == ["600", "320", "280", "72"]
+    independent = calls[3]
+    assert _value(independent, "--family") == "independent", "the evaluation-only family"
+    assert all("--family" not in call for call in calls[:3])
     stage1 = _call(calls, "stage1", "--cache", str(work / "cache-train"))
     assert stage1 == ["stage1", "--config", "training/configs/demo.yaml", "--cache", str(work / "cache-train"),
                       "--out", str(work / "stage1")]
     best = str(work / "stage1" / "best.pt")
-    for call in calls[7:]:
+    for call in calls[9:]:
         if call[0] != "stage2":
             assert _value(call, "--stage1") == best, call
+    evaluate = next(call for call in calls if call[0] == "evaluate")
+    assert _value(evaluate, "--independent") == str(work / "features-independent")
     assert _value(calls[-1], "--out") == str(work / "pe-demo.pt")
 
 
@@ -88,7 +93,7 @@ def test_init_fine_tunes_a_trained_stage_1_on_phantoms_of_the_seed_asked_and_use
     assert _value(stage1, "--config") == "training/configs/finetune-cpu.yaml"
     last = str(work / "stage1" / "last.pt")
     downstream = [call for call in calls if call[0] in {"features", "evaluate", "export"}]
-    assert len(downstream) == 4
+    assert len(downstream) == 5
     assert all(_value(call, "--stage1") == last for call in downstream)
 
 
@@ -100,14 +105,14 @@ def test_average_takes_the_mean_of_the_checkpoints_named_and_this_runs_best_and_
     result, calls = _run(tmp_path, CONFIG="training/configs/finetune-cpu.yaml", AVERAGE=" ".join(map(str, earlier)))
     assert result.returncode == 0, result.stderr
     work = tmp_path / "work"
-    assert [call[0] for call in calls][6:] == ["stage1", "average", "features", "features", "stage2", "stage2",
-                                               "evaluate", "export"]
+    assert [call[0] for call in calls][8:] == ["stage1", "average", "features", "features", "features", "stage2",
+                                               "stage2", "evaluate", "export"]
     average = next(call for call in calls if call[0] == "average")
     assert average == ["average", "--config", "training/configs/finetune-cpu.yaml", "--out",
                        str(work / "average" / "best.pt"), *map(str, earlier), str(work / "stage1" / "best.pt"),
                        str(work / "stage1" / "last.pt")]
     downstream = [call for call in calls if call[0] in {"features", "evaluate", "export"}]
-    assert len(downstream) == 4
+    assert len(downstream) == 5
     assert all(_value(call, "--stage1") == str(work / "average" / "best.pt") for call in downstream)
 
 
