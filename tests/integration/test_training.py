@@ -200,6 +200,8 @@ def test_evaluate_scores_an_exported_model_as_it_is(workspace: Path, independent
          "evaluate.cam_examples=0")
     metrics = json.loads((tmp_path / "report/metrics.json").read_text())
     assert metrics["studies"] == 6 and metrics["constant_baseline"]["rsna_log_loss"] is not None  # prevalences kept
+    scored = metrics["checkpoints"]  # what a model card's evaluation record is bound to
+    assert scored["stage1_sha256"] == scored["stage2_sha256"] == file_sha256(tmp_path / "model.pt")
     refused = ["evaluate", "--quiet", "--config", config, "--features", str(independent / "features"), "--stage1",
                str(tmp_path / "model.pt"), "--stage2", str(tmp_path / "model.pt"), "--out", str(tmp_path / "refused")]
     assert main(refused) == 1  # the embeddings of another stage 1 (FeaturesError)

@@ -124,7 +124,8 @@ def evaluate(
     metrics, predictions, studies = score_set(features, split, stage1_state, states, config, device, seed, progress)
     metrics["family"] = TRAINING_FAMILY
     metrics["checkpoints"] = {"stage1": str(stage1), "stage2": str(stage2),
-                              "baseline": str(baseline) if baseline else None}
+                              "baseline": str(baseline) if baseline else None,
+                              "stage1_sha256": sha, "stage2_sha256": file_sha256(stage2)}
     source = _source(features, needed=config.cam_examples > 0)
     metrics["data"]["phantoms"] = _is_phantom(source, studies)
     figures = [
