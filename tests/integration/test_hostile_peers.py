@@ -52,7 +52,7 @@ MB = 2**20
 
 
 def report(row: int, text: str) -> None:
-    """A measured figure, shown with ``pytest -s``; ``row`` is the attack's row in the hardening issue's table."""
+    """A measured figure, shown with ``pytest -s``, labelled with the number of the attack it measures."""
     print(f"\n[row {row}] {text}")
 
 

@@ -1,4 +1,4 @@
-"""The evaluation-only phantom family: its layout, labels, determinism, the issue's ranges, and that it shares no
+"""The evaluation-only phantom family: its layout, labels, determinism, the ranges of its design, and that it shares no
 construction with the training family (tiny studies, seconds in all)."""
 
 from __future__ import annotations

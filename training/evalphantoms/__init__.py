@@ -5,8 +5,8 @@ rule, draws its clots as coverage of those capsules, and renders each slice as o
 that: the body, lungs and heart are superellipse sections (``shapes``, ``patient``), the vessel and airway trees grow
 by space colonisation with pipe-model radii (``tree``), vessels are tapered tubes whose partial volume is sampled
 across each pixel and through the slice's thickness, and a clot is an off-centre ellipse defined in its artery's own
-frame along a stretch of its centreline (``clot``). The studies (``study``) follow the issue's description of an
-independent design: 512 x 512, 0.6-0.8 mm pixels, 1-2 mm slices, trunk and lobar arteries at 260-420 HU, noise of
+frame along a stretch of its centreline (``clot``). The studies (``study``) follow a written description of an
+independent CTPA design: 512 x 512, 0.6-0.8 mm pixels, 1-2 mm slices, trunk and lobar arteries at 260-420 HU, noise of
 10-22 HU, clots of 45-80 % of the artery's radius over 12-40 mm in the pulmonary trunk or a lobar artery, half the
 studies positive, every positive study's clot location recorded (``clots.csv``).
 

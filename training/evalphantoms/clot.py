@@ -2,8 +2,8 @@
 
 The clot lies along a stretch of an artery's centreline (``training.evalphantoms.patient.Path``), sampled every half
 millimetre with a frame carried along it by parallel transport (tangent, normal, binormal). At each sample its cross
-section is an ellipse in the normal plane whose larger semi-axis is a share of the artery's radius there (the
-issue's 45-80 %), set off from the centre towards a direction that turns slowly along the clot (a central defect or
+section is an ellipse in the normal plane whose larger semi-axis is a share of the artery's radius there (45-80
+%), set off from the centre towards a direction that turns slowly along the clot (a central defect or
 an eccentric one against the wall), kept inside the lumen. Along the clot the section swells from a blunt head to a
 tapering tail. A pixel's share of the clot is the share of its twelve sample points (``shapes.IN_PLANE`` x
 ``shapes.THROUGH_SLICE``) whose nearest centreline sample has them inside that section.
