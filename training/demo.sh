@@ -3,22 +3,24 @@
 #
 #   training/demo.sh [WORK]        (WORK: where data, caches, runs and the report go; default runs/demo)
 #
-# The shipped weights (models/README.md) are this script with a trained stage 1 to start from:
-#   CONFIG=training/configs/finetune-cpu.yaml INIT=start.pt OUT=models/pe-demo.pt training/demo.sh runs/demo
+# With a trained stage 1 to start from, it fine-tunes that on two CPU cores (models/README.md, "The recipe for new
+# weights", gives what that made from the shipped weights):
+#   cp models/pe-demo.pt start.pt
+#   CONFIG=training/configs/finetune-cpu.yaml INIT=start.pt training/demo.sh runs/finetune
 # Without INIT, stage 1 trains from the config's backbone weights (demo.yaml: random weights on two CPU cores, far
-# weaker weights; demo-gpu.yaml with WORKERS=16 on one CUDA GPU).
+# weaker weights; demo-gpu.yaml with WORKERS=16 on one CUDA GPU). OUT=models/pe-demo.pt replaces the shipped weights:
+# do so only when the new ones are better on the independent family.
 #
-# Environment: CONFIG (training/configs/demo.yaml), OUT (WORK/pe-demo.pt; OUT=models/pe-demo.pt replaces the
-# shipped weights), STUDIES (stage-1 phantoms, 600), STAGE1_SEED (their seed, 11), STAGE1_SLICES (their slice counts,
-# 40-90), STAGE2_STUDIES (stage-2 phantoms, seed 3, 320), TEST_STUDIES (held-out phantoms of the training family,
-# seed 1, 280), SLICES (the slice counts of those two sets, 40-120), INDEPENDENT_STUDIES (the evaluation-only family,
-# seed 2027, 72), WORKERS (phantom-writing processes, 2), INIT (a trained stage 1, a best.pt or a pe-node checkpoint,
-# that stage 1 fine-tunes; none by default), STAGE1_CHECKPOINT (the stage-1 checkpoint that features, evaluate and
-# export take: best.pt, the default, or last.pt), STAGE1_OPTIONS (more options for `pe-train stage1`, on one line,
-# split at spaces with no quoting, e.g. "--set stage1.epochs=5 --set stage1.max_minutes=null" to train the epochs a
-# time budget gave on another machine; --init goes in INIT), AVERAGE (stage-1 checkpoints, split at spaces, that
-# `pe-train average` averages with this run's best.pt and last.pt; features, evaluate and export then take the
-# average, WORK/average/best.pt; none by default), PE_TRAIN (the pe-train command).
+# Environment: CONFIG (training/configs/demo.yaml), OUT (WORK/pe-demo.pt), STUDIES (stage-1 phantoms, 600), STAGE1_SEED
+# (their seed, 11), STAGE1_SLICES (their slice counts, 40-90), STAGE2_STUDIES (stage-2 phantoms, seed 3, 320),
+# TEST_STUDIES (held-out phantoms of the training family, seed 1, 280), SLICES (the slice counts of those two sets,
+# 40-120), INDEPENDENT_STUDIES (the evaluation-only family, seed 2027, 72), WORKERS (phantom-writing processes, 2), INIT
+# (a trained stage 1, a best.pt or a pe-node checkpoint, that stage 1 fine-tunes; none by default), STAGE1_CHECKPOINT
+# (the stage-1 checkpoint that features, evaluate and export take: best.pt, the default, or last.pt), STAGE1_OPTIONS
+# (more options for `pe-train stage1`, on one line, split at spaces with no quoting, e.g. "--set stage1.epochs=5 --set
+# stage1.max_minutes=null" to train the epochs a time budget gave on another machine; --init goes in INIT), AVERAGE
+# (stage-1 checkpoints, split at spaces, that `pe-train average` averages with this run's best.pt and last.pt; features,
+# evaluate and export then take the average, WORK/average/best.pt; none by default), PE_TRAIN (the pe-train command).
 # Stage 2 learns from the embeddings of studies stage 1 never saw (a second phantom set): on stage 1's own training
 # studies it would learn how stage 1 behaves on studies it was fitted to, not on new ones. The independent family is
 # only evaluated: nothing is trained, selected or thresholded on it. A CUDA GPU is used when present (device: auto).
