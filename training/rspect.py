@@ -13,12 +13,14 @@ of the real data set pass.
 from __future__ import annotations
 
 import csv
+import multiprocessing
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from pe_node import storage
 from pe_node.findings import EXAM_LABELS, IMAGE_LABEL
@@ -111,6 +113,41 @@ def write_table(path: Path, columns: Sequence[str], rows: Iterable[Sequence[obje
         writer = csv.writer(stream, lineterminator="\n")
         writer.writerow(columns)
         writer.writerows(rows)
+
+
+def new_set(out: Path) -> Path:
+    """Make ``out/train`` for a set about to be written and return it; ``out`` may exist but must not hold train.csv
+    or train/ yet."""
+    images = out / "train"
+    for existing in (images, out / "train.csv"):
+        if existing.exists():
+            raise FileExistsError(f"{existing} exists; phantoms are written to a fresh folder")
+    images.mkdir(parents=True)
+    return images
+
+
+Job = TypeVar("Job")
+Made = TypeVar("Made")
+
+
+def write_studies(make: Callable[[Job], Made], jobs: Sequence[Job], workers: int, progress: bool,
+                  what: str) -> list[Made]:
+    """``make`` each study of a set (one job each), in ``workers`` spawned processes when more than one, and return
+    the results in job order; with ``progress``, count the studies made on stderr as ``what``."""
+    made: list[Made] = []
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        for result in pool.imap(make, jobs) if pool is not None else map(make, jobs):
+            made.append(result)
+            if progress:
+                print(f"\r{what}: {len(made)}/{len(jobs)} studies", end="", file=sys.stderr, flush=True)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    if progress:
+        print(file=sys.stderr)
+    return made
 
 
 def read_rspect(root: Path, *, csv_name: str = "train.csv", images: str = "train", check_files: bool = True,

@@ -20,7 +20,6 @@ import argparse
 import csv
 import datetime
 import logging
-import multiprocessing
 import sys
 import time
 import uuid
@@ -35,8 +34,8 @@ from pe_node.findings import IMAGE_LABEL
 from training.evalphantoms.clot import LOCATIONS, Clot, place_clot
 from training.evalphantoms.patient import Patient, build_patient
 from training.evalphantoms.shapes import Grid
-from training.phantoms.ctimage import SeriesEncoder, SliceGeometry, series_dataset, to_stored
-from training.rspect import RSPECT_COLUMNS, STUDY_COLUMNS, check_labels, write_table
+from training.phantoms.ctimage import SeriesEncoder, SliceGeometry, derived_uid, series_dataset, to_stored
+from training.rspect import RSPECT_COLUMNS, STUDY_COLUMNS, check_labels, new_set, write_studies, write_table
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +146,7 @@ def _shows(clot: Clot, scan: Scan, z: float) -> bool:
 
 
 def _uid(seed: int, index: int, *parts: object) -> str:
-    return f"2.25.{uuid.uuid5(_NAMESPACE, '/'.join(map(str, (seed, index, *parts)))).int}"
+    return derived_uid(_NAMESPACE, seed, index, *parts)
 
 
 def _header(rng: np.random.Generator, seed: int, index: int) -> dict[str, object]:
@@ -254,26 +253,10 @@ def generate(out: Path, studies: int, seed: int, size: int = DEFAULT_SIZE, slice
     if not 64 <= size <= 1024:
         raise ValueError(f"size must be 64-1024 pixels, got {size}")
     out = Path(out)
-    images = out / "train"
-    for existing in (images, out / "train.csv"):
-        if existing.exists():
-            raise FileExistsError(f"{existing} exists; phantoms are written to a fresh folder")
-    images.mkdir(parents=True)
+    images = new_set(out)
     started = time.monotonic()
     jobs = [(images, seed, index, size, slices) for index in range(first, first + studies)]
-    made: list[_Made] = []
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
-    try:
-        for result in pool.imap(_make, jobs) if pool is not None else map(_make, jobs):
-            made.append(result)
-            if progress:
-                print(f"\revaluation phantoms: {len(made)}/{studies} studies", end="", file=sys.stderr, flush=True)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-    if progress:
-        print(file=sys.stderr)
+    made = write_studies(_make, jobs, workers, progress, "evaluation phantoms")
     write_table(out / "train.csv", RSPECT_COLUMNS, [row for result in made for row in result.rows])
     clots = []
     for result in made:

@@ -10,6 +10,7 @@ milliseconds a file on its sixty-odd elements.
 from __future__ import annotations
 
 import copy
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -27,6 +28,13 @@ IMPLEMENTATION_VERSION_NAME = "PE_NODE_PHANTOM"
 # The attributes that differ between the slices of a series, in tag order.
 PER_SLICE = ("SOPInstanceUID", "InstanceNumber", "ImagePositionPatient", "SliceLocation", "PixelData")
 _PIXEL_DATA = Tag("PixelData")
+
+
+def derived_uid(namespace: uuid.UUID, *parts: object) -> str:
+    """A UID derived from ``parts`` (a set's seed, a study's index, what the UID names): 2.25 and the integer of a
+    name-based (SHA-1, version 5) UUID in ``namespace`` (DICOM PS3.5 B.2), so a seed gives the same UIDs every time.
+    pydicom's generate_uid ignores its entropy sources under the 2.25 root and is random."""
+    return f"2.25.{uuid.uuid5(namespace, '/'.join(map(str, parts))).int}"
 
 
 def to_stored(hu: np.ndarray) -> np.ndarray:

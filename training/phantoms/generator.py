@@ -51,7 +51,6 @@ import argparse
 import datetime
 import enum
 import logging
-import multiprocessing
 import os
 import sys
 import time
@@ -68,6 +67,7 @@ from training.phantoms.anatomy import Chest, Enhancement, Grid, TubeKind, build_
 from training.phantoms.ctimage import (
     SeriesEncoder,
     SliceGeometry,
+    derived_uid,
     series_dataset,
     to_stored,
 )
@@ -82,7 +82,7 @@ from training.phantoms.lesions import (
     place_saddle_embolus,
     shows,
 )
-from training.rspect import RSPECT_COLUMNS, STUDY_COLUMNS, check_labels, write_table
+from training.rspect import RSPECT_COLUMNS, STUDY_COLUMNS, check_labels, new_set, write_studies, write_table
 
 log = logging.getLogger(__name__)
 
@@ -199,10 +199,7 @@ class PhantomSummary:
 
 
 def _uid(seed: int, index: int, *parts: object) -> str:
-    """A UID derived from the seed, the study and ``parts``: 2.25 and the integer of a name-based (SHA-1, version 5)
-    UUID (DICOM PS3.5 B.2). pydicom's generate_uid ignores its entropy sources under the 2.25 root and is random."""
-    name = "/".join(map(str, (seed, index, *parts)))
-    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
+    return derived_uid(_UID_NAMESPACE, seed, index, *parts)
 
 
 def _draw_enhancement(rng: np.random.Generator, poor_bolus: bool) -> Enhancement:
@@ -604,28 +601,11 @@ def generate(out: Path, studies: int, seed: int, slices: tuple[int, int] = DEFAU
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     out = Path(out)
-    images, table = out / "train", out / "train.csv"
-    for existing in (images, table):
-        if existing.exists():
-            raise FileExistsError(f"{existing} exists; phantoms are written to a fresh folder")
-    images.mkdir(parents=True)
+    images = new_set(out)
     started = time.monotonic()
     jobs = [(images, seed, index, slices, size) for index in range(first, first + studies)]
-    results: list[_StudyResult] = []
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
-    try:
-        made = pool.imap(_make_study, jobs) if pool is not None else map(_make_study, jobs)
-        for result in made:
-            results.append(result)
-            if progress:
-                print(f"\rphantoms: {len(results)}/{studies} studies", end="", file=sys.stderr, flush=True)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-    if progress:
-        print(file=sys.stderr)
-    write_table(table, RSPECT_COLUMNS, [row for result in results for row in result.rows])
+    results = write_studies(_make_study, jobs, workers, progress, "phantoms")
+    write_table(out / "train.csv", RSPECT_COLUMNS, [row for result in results for row in result.rows])
     classes = [r.exam_class for r in results]
     return PhantomSummary(
         out=out, studies=studies, negative=classes.count(ExamClass.NEGATIVE),
